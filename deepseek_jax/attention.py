@@ -1,0 +1,127 @@
+"""Multi-head Latent Attention (MLA), DeepSeek-V2 section 2.1.
+
+Per token, queries come from a low-rank projection (q_a, its norm, q_b) or a full one
+(`q_lora_rank` null); keys and values come from ONE compressed latent c_kv = norm(W_kv_a x) of
+width `kv_lora_rank` plus ONE shared rope key k_pe (decoupled RoPE). Heads expand the latent with
+W_kv_b = [W_uk | W_uv]:
+
+  k_h = [W_uk,h c_kv ; k_pe]      v_h = W_uv,h c_kv      q_h = [q_nope,h ; rope(q_pe,h)]
+  score_h(t, s) = scale * (q_nope,h(t) . W_uk,h c_kv(s) + q_pe,h(t) . k_pe(s))
+
+Two equal ways to compute it:
+- expanded: materialise k_h and v_h per head (cheap for long prefills, the reference layout);
+- absorbed: fold W_uk into the query (q_lat,h = W_uk,hᵀ q_nope,h), attend over the latent itself,
+  and apply W_uv after the weighted sum; only c_kv and k_pe are ever read (decoding).
+
+Legend: B batch, T query length, S key length, D hidden, H heads, C kv_lora_rank,
+N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.config import DeepseekConfig
+from deepseek_jax.layers import RMSNorm, apply_rope, linear, rope_cos_sin
+
+_NEG_INF = -1e30
+
+
+def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
+                   k_valid: jax.Array | None = None) -> jax.Array:
+  """Causal mask [B, 1, T, S]: key s is visible from query t when pos(s) <= pos(t) and s is valid."""
+  mask = k_positions[:, None, :] <= q_positions[:, :, None]  # [B, T, S]
+  if k_valid is not None:
+    mask = mask & k_valid[:, None, :]
+  return mask[:, None]
+
+
+class MLAttention(nnx.Module):
+  """MLA with the released parameter names; `absorb` picks the computation, not the result."""
+
+  def __init__(self, cfg: DeepseekConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = dtype
+    h, d = cfg.num_attention_heads, cfg.hidden_size
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    norm_kw = dict(dtype=dtype, param_dtype=param_dtype)
+    if cfg.q_lora_rank is None:
+      self.q_proj = linear(cfg, d, h * cfg.qk_head_dim, **kw)
+    else:
+      self.q_a_proj = linear(cfg, d, cfg.q_lora_rank, bias=cfg.attention_bias, **kw)
+      self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, **norm_kw)
+      self.q_b_proj = linear(cfg, cfg.q_lora_rank, h * cfg.qk_head_dim, **kw)
+    self.kv_a_proj_with_mqa = linear(cfg, d, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                                     bias=cfg.attention_bias, **kw)
+    self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, **norm_kw)
+    self.kv_b_proj = linear(cfg, cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), **kw)
+    self.o_proj = linear(cfg, h * cfg.v_head_dim, d, bias=cfg.attention_bias, **kw)
+
+  # ------------------------------------------------------------------ projections
+  def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """q_nope [B, T, H, N] and rotated q_pe [B, T, H, R]."""
+    cfg = self.cfg
+    if cfg.q_lora_rank is None:
+      q = self.q_proj(x)
+    else:
+      q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    q = q.reshape(*x.shape[:-1], cfg.num_attention_heads, cfg.qk_head_dim)
+    q_nope, q_pe = q[..., :cfg.qk_nope_head_dim], q[..., cfg.qk_nope_head_dim:]
+    return q_nope, apply_rope(q_pe, cos, sin, interleaved=cfg.rope_interleave)
+
+  def latents(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """What MLA caches per token: the normed latent c_kv [B, T, C] and the rotated k_pe [B, T, R]."""
+    cfg = self.cfg
+    kv = self.kv_a_proj_with_mqa(x)
+    c_kv = self.kv_a_layernorm(kv[..., :cfg.kv_lora_rank])
+    k_pe = apply_rope(kv[..., cfg.kv_lora_rank:], cos, sin, interleaved=cfg.rope_interleave)
+    return c_kv, k_pe
+
+  def _w_kv_b(self) -> tuple[jax.Array, jax.Array]:
+    """W_uk [C, H, N] and W_uv [C, H, V] from kv_b_proj's kernel [C, H*(N+V)]."""
+    cfg = self.cfg
+    w = self.kv_b_proj.kernel[...].astype(self.dtype).reshape(
+        cfg.kv_lora_rank, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
+
+  # ------------------------------------------------------------------ attention
+  def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask) -> jax.Array:
+    """Expanded MLA: per-head keys and values from the latent. Returns [B, T, H, V]."""
+    cfg = self.cfg
+    kv = self.kv_b_proj(c_kv).reshape(*c_kv.shape[:-1], cfg.num_attention_heads, -1)
+    k_nope, v = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]  # [B, S, H, N|V]
+    scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
+              + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, preferred_element_type=jnp.float32))
+    probs = self._softmax(scores, mask)
+    return jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v)
+
+  def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> jax.Array:
+    """Absorbed MLA: attention over the latent itself, W_uk and W_uv folded in. Returns [B, T, H, V]."""
+    w_uk, w_uv = self._w_kv_b()
+    q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w_uk)  # [B, T, H, C]
+    scores = (jnp.einsum("bthc,bsc->bhts", q_lat, c_kv, preferred_element_type=jnp.float32)
+              + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, preferred_element_type=jnp.float32))
+    probs = self._softmax(scores, mask)
+    o_lat = jnp.einsum("bhts,bsc->bthc", probs.astype(c_kv.dtype), c_kv)  # [B, T, H, C]
+    return jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
+
+  def _softmax(self, scores: jax.Array, mask: jax.Array) -> jax.Array:
+    scores = jnp.where(mask, scores * self.cfg.softmax_scale, _NEG_INF)
+    return jax.nn.softmax(scores, axis=-1)  # float32
+
+  def output(self, o: jax.Array) -> jax.Array:
+    """o_proj over the concatenated heads: [B, T, H, V] -> [B, T, D]."""
+    return self.o_proj(o.reshape(*o.shape[:-2], -1))
+
+  def __call__(self, x: jax.Array, positions: jax.Array, *, k_valid: jax.Array | None = None,
+               absorb: bool = False) -> jax.Array:
+    """Self-attention over x [B, T, D] at integer positions [B, T]; returns [B, T, D]."""
+    cos, sin = rope_cos_sin(self.cfg, positions)
+    q_nope, q_pe = self.queries(x, cos, sin)
+    c_kv, k_pe = self.latents(x, cos, sin)
+    mask = attention_mask(positions, positions, k_valid)
+    attend = self.attend_absorbed if absorb else self.attend_expanded
+    return self.output(attend(q_nope, q_pe, c_kv, k_pe, mask))

@@ -1,0 +1,196 @@
+"""DeepSeek-V2/V3 causal LM in Flax NNX: decoder layers, final norm, head, and MTP modules.
+
+Layer i is dense (SwiGLU) unless `cfg.is_moe_layer(i)`. With `cfg.scan_layers` the dense layers
+and the MoE layers are each stacked along a leading axis and run with `nnx.scan` (equal outputs,
+one compiled body per kind).
+
+Multi-token prediction (DeepSeek-V3 section 2.2), depth k = 1..num_nextn_predict_layers:
+  h^0_t   = the main model's final hidden state at t (after the final norm, as the public serving
+            implementations feed it);
+  h'^k_t  = eh_proj_k [ enorm_k(Emb(x_{t+k})) ; hnorm_k(h^{k-1}_t) ]   (embedding first: the order
+            of the released `eh_proj` [D, 2D] as served by vLLM and SGLang; the paper writes the
+            same concatenation with the operands the other way round);
+  h^k_t   = Block_k(h'^k_{<=t})                                  (a full decoder layer, causal);
+  logits^k_t = Head(shared_head_norm_k(h^k_t)), predicting x_{t+k+1}.
+Emb and Head are shared with the main model. The last k positions have no x_{t+k}: they see a
+padding id and their predictions must be masked by the loss.
+
+Legend: B batch, T length, D hidden, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.attention import MLAttention
+from deepseek_jax.config import DeepseekConfig
+from deepseek_jax.layers import MLP, RMSNorm, linear
+from deepseek_jax.moe import MoE, RouterOutput
+
+
+class ModelOutput(NamedTuple):
+  logits: jax.Array                    # [B, T, V] float32
+  hidden: jax.Array                    # [B, T, D] after the final norm
+  mtp_logits: tuple[jax.Array, ...]    # per depth k: [B, T, V] float32, position t predicts x_{t+k+1}
+  router: tuple[RouterOutput, ...]     # per MoE layer in layer order, then the MTP blocks'
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); mlp is dense or MoE."""
+
+  def __init__(self, cfg: DeepseekConfig, layer_idx: int, *, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.is_moe = cfg.is_moe_layer(layer_idx)
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+    self.self_attn = MLAttention(cfg, rngs=rngs, **kw)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+    if self.is_moe:
+      self.mlp = MoE(cfg, rngs=rngs, **kw)
+    else:
+      self.mlp = MLP(cfg, cfg.intermediate_size, rngs=rngs, **kw)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, k_valid: jax.Array | None = None,
+               absorb: bool = False) -> tuple[jax.Array, RouterOutput | None]:
+    x = x + self.self_attn(self.input_layernorm(x), positions, k_valid=k_valid, absorb=absorb)
+    h = self.post_attention_layernorm(x)
+    if self.is_moe:
+      y, r = self.mlp(h)
+      return x + y, r
+    return x + self.mlp(h), None
+
+
+class MTPLayer(nnx.Module):
+  """One multi-token-prediction depth (see the module docstring for the equations)."""
+
+  def __init__(self, cfg: DeepseekConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+    self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+    self.eh_proj = linear(cfg, 2 * cfg.hidden_size, cfg.hidden_size, rngs=rngs, **kw)
+    self.block = DecoderLayer(cfg, cfg.num_hidden_layers, rngs=rngs, **kw)
+    self.shared_head_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+
+  def __call__(self, h_prev, emb_next, positions, k_valid=None, absorb=False):
+    x = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1))
+    h, r = self.block(x, positions, k_valid, absorb)
+    return h, self.shared_head_norm(h), r
+
+
+def _stack(cfg, layer_idx, count, kw, rngs) -> DecoderLayer:
+  """`count` identical layers (of the kind of `layer_idx`) with a leading stacked axis."""
+
+  @nnx.split_rngs(splits=count)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def create(r):
+    return DecoderLayer(cfg, layer_idx, rngs=r, **kw)
+
+  return create(rngs)
+
+
+def _scan_stack(stack: DecoderLayer, x, positions, k_valid, absorb, remat: bool):
+  def body(layer, h):
+    return layer(h, positions, k_valid, absorb)
+
+  if remat:
+    body = nnx.remat(body)
+
+  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+  def run(h, layer):
+    h, r = body(layer, h)
+    return h, r
+
+  return run(x, stack)
+
+
+class DeepseekForCausalLM(nnx.Module):
+  """The causal LM; `model(input_ids)` gives float32 logits [B, T, V]."""
+
+  def __init__(self, cfg: DeepseekConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.dtype = dtype
+    self.remat = False  # rematerialise each layer in the backward pass (set by the trainer)
+    kw = dict(dtype=dtype, param_dtype=param_dtype)
+    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                  param_dtype=param_dtype,
+                                  embedding_init=nnx.initializers.normal(cfg.initializer_range),
+                                  rngs=rngs)
+    if cfg.scan_layers:
+      n_dense = cfg.num_dense_layers
+      if n_dense:
+        self.dense_layers = _stack(cfg, 0, n_dense, kw, rngs)
+      if n_dense < cfg.num_hidden_layers:
+        self.moe_layers = _stack(cfg, n_dense, cfg.num_hidden_layers - n_dense, kw, rngs)
+    else:
+      self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs, **kw)
+                              for i in range(cfg.num_hidden_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = linear(cfg, cfg.hidden_size, cfg.vocab_size, rngs=rngs, **kw)
+    self.mtp = nnx.List([MTPLayer(cfg, rngs=rngs, **kw)
+                         for _ in range(cfg.num_nextn_predict_layers)])
+
+  # ------------------------------------------------------------------ pieces
+  def embed(self, input_ids: jax.Array) -> jax.Array:
+    return self.embed_tokens(input_ids)
+
+  def head(self, h: jax.Array) -> jax.Array:
+    """Float32 logits from normed hidden states [..., D]."""
+    w = (self.embed_tokens.embedding[...].T if self.cfg.tie_word_embeddings
+         else self.lm_head.kernel[...])
+    return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
+
+  def decoder(self, x, positions, k_valid=None, absorb=False):
+    """All decoder layers over x [B, T, D]; returns the un-normed output and the router outputs."""
+    routers: list[RouterOutput] = []
+    if self.cfg.scan_layers:
+      for name in ("dense_layers", "moe_layers"):
+        stack = getattr(self, name, None)
+        if stack is None:
+          continue
+        x, r = _scan_stack(stack, x, positions, k_valid, absorb, self.remat)
+        if r is not None:
+          routers.extend(RouterOutput(*(a[i] for a in r)) for i in range(r.scores.shape[0]))
+      return x, tuple(routers)
+    for layer in self.layers:
+      if self.remat:
+        x, r = nnx.remat(lambda l, h: l(h, positions, k_valid, absorb))(layer, x)
+      else:
+        x, r = layer(x, positions, k_valid, absorb)
+      if r is not None:
+        routers.append(r)
+    return x, tuple(routers)
+
+  # ------------------------------------------------------------------ forward
+  def forward(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+              attention_mask: jax.Array | None = None, absorb: bool = False,
+              with_mtp: bool = True) -> ModelOutput:
+    """Full forward over input_ids [B, T] (int). `attention_mask` [B, T] marks real (non-pad)
+    tokens; `positions` default to 0..T-1."""
+    b, t = input_ids.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    k_valid = None if attention_mask is None else attention_mask.astype(jnp.bool_)
+    x = self.embed(input_ids)  # [B, T, D]
+    x, routers = self.decoder(x, positions, k_valid, absorb)
+    hidden = self.norm(x)
+    logits = self.head(hidden)
+    mtp_logits = []
+    if with_mtp and len(self.mtp):
+      h = hidden
+      for k, layer in enumerate(self.mtp, start=1):
+        shifted = jnp.pad(input_ids[:, k:], ((0, 0), (0, k)))  # x_{t+k}; padding for the last k
+        h, normed, r = layer(h, self.embed(shifted), positions, k_valid, absorb)
+        mtp_logits.append(self.head(normed))
+        routers = routers + ((r,) if r is not None else ())
+    return ModelOutput(logits, hidden, tuple(mtp_logits), routers)
+
+  def __call__(self, input_ids: jax.Array, **kw) -> jax.Array:
+    """Float32 logits [B, T, V] for int input_ids [B, T]."""
+    return self.forward(input_ids, with_mtp=False, **kw).logits
