@@ -19,6 +19,8 @@ N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -27,6 +29,24 @@ from deepseek_jax.config import DeepseekConfig
 from deepseek_jax.layers import RMSNorm, apply_rope, linear, rope_cos_sin
 
 _NEG_INF = -1e30
+
+
+class LayerCache(NamedTuple):
+  """One layer's MLA cache: per token only the normed latent and the rotated rope key."""
+  c_kv: jax.Array  # [B, S, C]
+  k_pe: jax.Array  # [B, S, R]
+
+
+def init_layer_cache(cfg: DeepseekConfig, batch: int, max_len: int, dtype=jnp.float32) -> LayerCache:
+  return LayerCache(jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype),
+                    jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype))
+
+
+def write_cache(cache: LayerCache, c_kv: jax.Array, k_pe: jax.Array, positions: jax.Array) -> LayerCache:
+  """Stores each token's latents at its own position (per sequence); positions past the end drop."""
+  b = jnp.arange(positions.shape[0])[:, None]
+  return LayerCache(cache.c_kv.at[b, positions].set(c_kv.astype(cache.c_kv.dtype), mode="drop"),
+                    cache.k_pe.at[b, positions].set(k_pe.astype(cache.k_pe.dtype), mode="drop"))
 
 
 def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
@@ -117,11 +137,25 @@ class MLAttention(nnx.Module):
     return self.o_proj(o.reshape(*o.shape[:-2], -1))
 
   def __call__(self, x: jax.Array, positions: jax.Array, *, k_valid: jax.Array | None = None,
-               absorb: bool = False) -> jax.Array:
-    """Self-attention over x [B, T, D] at integer positions [B, T]; returns [B, T, D]."""
+               absorb: bool = False, cache: LayerCache | None = None
+               ) -> tuple[jax.Array, LayerCache | None]:
+    """Self-attention over x [B, T, D] at integer positions [B, T]; returns [B, T, D] and the cache.
+
+    Without a cache the tokens attend to each other (causal by position, `k_valid` masking
+    padding keys). With one, their latents are first written at their positions, and they attend
+    over every cached slot at or before their own position: each sequence's positions must be
+    contiguous from 0 (right padding), so all such slots hold its real tokens.
+    """
     cos, sin = rope_cos_sin(self.cfg, positions)
     q_nope, q_pe = self.queries(x, cos, sin)
     c_kv, k_pe = self.latents(x, cos, sin)
-    mask = attention_mask(positions, positions, k_valid)
+    if cache is None:
+      mask = attention_mask(positions, positions, k_valid)
+    else:
+      cache = write_cache(cache, c_kv, k_pe, positions)
+      c_kv, k_pe = cache.c_kv.astype(self.dtype), cache.k_pe.astype(self.dtype)
+      slots = jnp.broadcast_to(jnp.arange(c_kv.shape[1], dtype=positions.dtype),
+                               (positions.shape[0], c_kv.shape[1]))
+      mask = attention_mask(positions, slots)
     attend = self.attend_absorbed if absorb else self.attend_expanded
-    return self.output(attend(q_nope, q_pe, c_kv, k_pe, mask))
+    return self.output(attend(q_nope, q_pe, c_kv, k_pe, mask)), cache

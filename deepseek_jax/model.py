@@ -26,10 +26,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax.attention import MLAttention
+from deepseek_jax.attention import LayerCache, MLAttention, init_layer_cache
 from deepseek_jax.config import DeepseekConfig
 from deepseek_jax.layers import MLP, RMSNorm, linear
 from deepseek_jax.moe import MoE, RouterOutput
+
+
+class Cache(NamedTuple):
+  """The MLA latent cache of the whole model (see `DeepseekForCausalLM.init_cache`)."""
+  layers: tuple[LayerCache, ...]  # per decoder layer; with scan_layers per stack, stacked on axis 0
+  mtp: tuple[LayerCache, ...]     # per MTP depth
 
 
 class ModelOutput(NamedTuple):
@@ -37,6 +43,7 @@ class ModelOutput(NamedTuple):
   hidden: jax.Array                    # [B, T, D] after the final norm
   mtp_logits: tuple[jax.Array, ...]    # per depth k: [B, T, V] float32, position t predicts x_{t+k+1}
   router: tuple[RouterOutput, ...]     # per MoE layer in layer order, then the MTP blocks'
+  cache: Cache | None = None           # the updated cache when one was passed in
 
 
 class DecoderLayer(nnx.Module):
@@ -55,13 +62,16 @@ class DecoderLayer(nnx.Module):
       self.mlp = MLP(cfg, cfg.intermediate_size, rngs=rngs, **kw)
 
   def __call__(self, x: jax.Array, positions: jax.Array, k_valid: jax.Array | None = None,
-               absorb: bool = False) -> tuple[jax.Array, RouterOutput | None]:
-    x = x + self.self_attn(self.input_layernorm(x), positions, k_valid=k_valid, absorb=absorb)
+               absorb: bool = False, cache: LayerCache | None = None
+               ) -> tuple[jax.Array, RouterOutput | None, LayerCache | None]:
+    a, cache = self.self_attn(self.input_layernorm(x), positions, k_valid=k_valid, absorb=absorb,
+                              cache=cache)
+    x = x + a
     h = self.post_attention_layernorm(x)
     if self.is_moe:
       y, r = self.mlp(h)
-      return x + y, r
-    return x + self.mlp(h), None
+      return x + y, r, cache
+    return x + self.mlp(h), None, cache
 
 
 class MTPLayer(nnx.Module):
@@ -76,10 +86,11 @@ class MTPLayer(nnx.Module):
     self.block = DecoderLayer(cfg, cfg.num_hidden_layers, rngs=rngs, **kw)
     self.shared_head_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
-  def __call__(self, h_prev, emb_next, positions, k_valid=None, absorb=False):
+  def __call__(self, h_prev, emb_next, positions, k_valid=None, absorb=False, cache=None):
+    """Returns h^k [B, T, D], its normed copy for the head, the router output and the cache."""
     x = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1))
-    h, r = self.block(x, positions, k_valid, absorb)
-    return h, self.shared_head_norm(h), r
+    h, r, cache = self.block(x, positions, k_valid, absorb, cache)
+    return h, self.shared_head_norm(h), r, cache
 
 
 def _stack(cfg, layer_idx, count, kw, rngs) -> DecoderLayer:
@@ -93,19 +104,29 @@ def _stack(cfg, layer_idx, count, kw, rngs) -> DecoderLayer:
   return create(rngs)
 
 
-def _scan_stack(stack: DecoderLayer, x, positions, k_valid, absorb, remat: bool):
-  def body(layer, h):
-    return layer(h, positions, k_valid, absorb)
+def _scan_stack(stack: DecoderLayer, x, positions, k_valid, absorb, remat: bool, cache):
+  """Runs a stacked layer group; returns the output, stacked router outputs and stacked cache."""
+  def body(layer, h, c):
+    return layer(h, positions, k_valid, absorb, c)
 
   if remat:
     body = nnx.remat(body)
 
-  @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-  def run(h, layer):
-    h, r = body(layer, h)
-    return h, r
+  if cache is None:
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+    def run(h, layer):
+      h, r, _ = body(layer, h, None)
+      return h, r
 
-  return run(x, stack)
+    h, r = run(x, stack)
+    return h, r, None
+
+  @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0))
+  def run_cached(h, layer, c):
+    h, r, c = body(layer, h, c)
+    return h, r, c
+
+  return run_cached(x, stack, cache)
 
 
 class DeepseekForCausalLM(nnx.Module):
@@ -146,50 +167,74 @@ class DeepseekForCausalLM(nnx.Module):
          else self.lm_head.kernel[...])
     return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
-  def decoder(self, x, positions, k_valid=None, absorb=False):
-    """All decoder layers over x [B, T, D]; returns the un-normed output and the router outputs."""
+  def stacks(self) -> list[DecoderLayer]:
+    """The stacked layer groups of a scanned model, in order."""
+    return [getattr(self, n) for n in ("dense_layers", "moe_layers") if hasattr(self, n)]
+
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
+    """An empty latent cache for `batch` sequences of up to `max_len` tokens."""
+    cfg, dtype = self.cfg, dtype or self.dtype
+    one = lambda: init_layer_cache(cfg, batch, max_len, dtype)
+    if cfg.scan_layers:
+      layers = tuple(jax.tree.map(lambda a, n=s.input_layernorm.scale.shape[0]: jnp.broadcast_to(
+          a, (n,) + a.shape), one()) for s in self.stacks())
+    else:
+      layers = tuple(one() for _ in range(cfg.num_hidden_layers))
+    return Cache(layers, tuple(one() for _ in range(len(self.mtp))))
+
+  def decoder(self, x, positions, k_valid=None, absorb=False, cache=None):
+    """All decoder layers over x [B, T, D]: the un-normed output, router outputs, layer caches."""
     routers: list[RouterOutput] = []
+    new_cache: list[LayerCache] = []
     if self.cfg.scan_layers:
-      for name in ("dense_layers", "moe_layers"):
-        stack = getattr(self, name, None)
-        if stack is None:
-          continue
-        x, r = _scan_stack(stack, x, positions, k_valid, absorb, self.remat)
+      for j, stack in enumerate(self.stacks()):
+        x, r, c = _scan_stack(stack, x, positions, k_valid, absorb, self.remat,
+                              None if cache is None else cache[j])
+        new_cache.append(c)
         if r is not None:
           routers.extend(RouterOutput(*(a[i] for a in r)) for i in range(r.scores.shape[0]))
-      return x, tuple(routers)
-    for layer in self.layers:
+      return x, tuple(routers), tuple(new_cache)
+    for i, layer in enumerate(self.layers):
+      c = None if cache is None else cache[i]
       if self.remat:
-        x, r = nnx.remat(lambda l, h: l(h, positions, k_valid, absorb))(layer, x)
+        x, r, c = nnx.remat(lambda l, h, c: l(h, positions, k_valid, absorb, c))(layer, x, c)
       else:
-        x, r = layer(x, positions, k_valid, absorb)
+        x, r, c = layer(x, positions, k_valid, absorb, c)
+      new_cache.append(c)
       if r is not None:
         routers.append(r)
-    return x, tuple(routers)
+    return x, tuple(routers), tuple(new_cache)
 
   # ------------------------------------------------------------------ forward
   def forward(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
               attention_mask: jax.Array | None = None, absorb: bool = False,
-              with_mtp: bool = True) -> ModelOutput:
-    """Full forward over input_ids [B, T] (int). `attention_mask` [B, T] marks real (non-pad)
-    tokens; `positions` default to 0..T-1."""
+              with_mtp: bool = True, cache: Cache | None = None) -> ModelOutput:
+    """Forward over input_ids [B, T] (int). `attention_mask` [B, T] marks real (non-pad) tokens;
+    `positions` default to 0..T-1. With a `cache` (see `MLAttention.__call__`) the tokens'
+    latents are stored at their positions and the updated cache is returned."""
     b, t = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     k_valid = None if attention_mask is None else attention_mask.astype(jnp.bool_)
     x = self.embed(input_ids)  # [B, T, D]
-    x, routers = self.decoder(x, positions, k_valid, absorb)
+    x, routers, layer_cache = self.decoder(x, positions, k_valid, absorb,
+                                           None if cache is None else cache.layers)
     hidden = self.norm(x)
     logits = self.head(hidden)
-    mtp_logits = []
+    mtp_logits, mtp_cache = [], []
     if with_mtp and len(self.mtp):
       h = hidden
       for k, layer in enumerate(self.mtp, start=1):
         shifted = jnp.pad(input_ids[:, k:], ((0, 0), (0, k)))  # x_{t+k}; padding for the last k
-        h, normed, r = layer(h, self.embed(shifted), positions, k_valid, absorb)
+        c = None if cache is None else cache.mtp[k - 1]
+        h, normed, r, c = layer(h, self.embed(shifted), positions, k_valid, absorb, c)
         mtp_logits.append(self.head(normed))
+        mtp_cache.append(c)
         routers = routers + ((r,) if r is not None else ())
-    return ModelOutput(logits, hidden, tuple(mtp_logits), routers)
+    new_cache = None
+    if cache is not None:
+      new_cache = Cache(layer_cache, tuple(mtp_cache) if mtp_cache else cache.mtp)
+    return ModelOutput(logits, hidden, tuple(mtp_logits), routers, new_cache)
 
   def __call__(self, input_ids: jax.Array, **kw) -> jax.Array:
     """Float32 logits [B, T, V] for int input_ids [B, T]."""
