@@ -272,6 +272,8 @@ class DeepseekConfig:
     elif raw["model_type"] == "deepseek_v3":
       kw.setdefault("scoring_func", "sigmoid")
       kw.setdefault("topk_method", "noaux_tc")
+    if kw.get("num_key_value_heads") == kw.get("num_attention_heads"):
+      kw["num_key_value_heads"] = None  # MLA's only valid value; kept implicit so presets compare equal
     kw.update(_read_rope(raw, source))
     for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
       if isinstance(kw.get(k), list):  # some configs list several; the first is the default
