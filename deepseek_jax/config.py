@@ -23,7 +23,7 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 HIDDEN_ACTS = ("silu",)
 ROPE_TYPES = ("default", "yarn")
-MOE_DISPATCHES = ("auto", "dense", "ragged", "pallas")
+MOE_DISPATCHES = ("auto", "dense", "ragged", "blocked", "pallas")
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 # Keys of released or transformers-written configs that carry no architecture information (or that
@@ -89,7 +89,7 @@ class DeepseekConfig:
   aux_loss_alpha: float = 0.001           # balance-loss weight the release was trained with
   seq_aux: bool = True                    # sequence-wise (True) or batch-wise balance loss
   # Runtime choices of ours; never written to config.json.
-  moe_dispatch: str = "auto"              # auto | dense | ragged | pallas
+  moe_dispatch: str = "auto"              # auto | dense | ragged | blocked | pallas
   scan_layers: bool = False               # stack identical layers and run them with nnx.scan
 
   def __post_init__(self):

@@ -7,6 +7,11 @@ Every method computes, for tokens x [N, D] each routed to K experts with weights
 - `dense`: every expert on every token, masked by the routing weights. Readable reference;
   costs E/K times the useful FLOPs.
 - `ragged`: token copies sorted by expert, one `jax.lax.ragged_dot` per projection; dropless.
+- `blocked`: token copies sorted by expert, each expert's group padded to a multiple of a tile;
+  every tile then belongs to one expert, so the products are one batched matmul over tiles with
+  the tile's expert weights gathered. Dropless and exact: the padding is a static bound
+  (at most E*(tile-1) rows), not a capacity. The fast path where ragged_dot is a masked dense
+  product (CPU).
 - `pallas`: the same sorted layout through the Pallas grouped matmul (`kernels_pallas.gmm`).
 
 The permutation helpers (`sort_by_expert`, `combine`) are shared by every sorted path, the
@@ -20,13 +25,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-METHODS = ("dense", "ragged", "pallas")
+METHODS = ("dense", "ragged", "blocked", "pallas")
 
 
 def default_method(platform: str | None = None) -> str:
-  """Pallas grouped matmul on TPU and GPU, ragged_dot elsewhere."""
+  """Pallas grouped matmul on TPU and GPU; the tiled batched matmul on CPU (see bench/dispatch.py)."""
   platform = platform or jax.default_backend()
-  return "pallas" if platform in ("tpu", "gpu", "cuda", "rocm") else "ragged"
+  return "pallas" if platform in ("tpu", "gpu", "cuda", "rocm") else "blocked"
 
 
 def sort_by_expert(topk_idx: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
@@ -62,6 +67,68 @@ def _sorted(x, topk_idx, topk_weight, w_gate, w_up, w_down, grouped_matmul):
   return combine(grouped_matmul(h, w_down, group_sizes), order, topk_weight, n)
 
 
+@jax.custom_vjp
+def tiled_gmm(lhs: jax.Array, rhs: jax.Array, tile_group: jax.Array) -> jax.Array:
+  """Grouped matmul over row tiles: tile t of lhs [T*tile, K] times rhs[tile_group[t]] [K, N].
+
+  One loop step per tile indexes its group's weight in place (no gathered copy of the weights);
+  the VJP loops the same way and accumulates the weight gradient per group.
+  """
+  return _tiled_fwd(lhs, rhs, tile_group)[0]
+
+
+def _tiles(x: jax.Array, num_tiles: int) -> jax.Array:
+  return x.reshape(num_tiles, -1, x.shape[-1])
+
+
+def _tiled_fwd(lhs, rhs, tile_group):
+  t = tile_group.shape[0]
+  out = jax.lax.map(lambda a: a[0] @ rhs[a[1]], (_tiles(lhs, t), tile_group))  # [T, tile, N]
+  return out.reshape(-1, rhs.shape[-1]), (lhs, rhs, tile_group)
+
+
+def _tiled_bwd(res, g):
+  lhs, rhs, tile_group = res
+  t = tile_group.shape[0]
+  g_t, lhs_t = _tiles(g, t), _tiles(lhs, t)
+  d_lhs = jax.lax.map(lambda a: a[0] @ rhs[a[1]].T, (g_t, tile_group)).reshape(lhs.shape)
+
+  def add_tile(d_rhs, a):
+    x, gy, grp = a
+    return d_rhs.at[grp].add(x.T @ gy), None
+
+  d_rhs, _ = jax.lax.scan(add_tile, jnp.zeros(rhs.shape, jnp.float32),
+                          (lhs_t, g_t, tile_group))
+  return d_lhs, d_rhs.astype(rhs.dtype), None
+
+
+tiled_gmm.defvjp(_tiled_fwd, _tiled_bwd)
+
+
+def _blocked(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
+  n, k = topk_idx.shape
+  e, d = w_gate.shape[0], x.shape[-1]
+  m = n * k
+  tile = max(8, min(tile, _round_up(m, 8)))
+  num_tiles = -(-(m + e * (tile - 1)) // tile)  # static bound on the padded row count
+  order, group_sizes = sort_by_expert(topk_idx, e)
+  padded = -(-group_sizes // tile) * tile  # [E]
+  padded_end = jnp.cumsum(padded)
+  expert_of_copy = topk_idx.reshape(-1)[order]  # [M] sorted
+  rank = jnp.arange(m, dtype=jnp.int32) - (jnp.cumsum(group_sizes) - group_sizes)[expert_of_copy]
+  dest = (padded_end - padded)[expert_of_copy] + rank  # [M] row in the padded layout
+  xs = jnp.zeros((num_tiles * tile, d), x.dtype).at[dest].set(x[order // k])
+  tile_expert = jnp.minimum(
+      jnp.searchsorted(padded_end, jnp.arange(num_tiles) * tile, side="right"), e - 1)  # [tiles]
+  h = jax.nn.silu(tiled_gmm(xs, w_gate, tile_expert)) * tiled_gmm(xs, w_up, tile_expert)
+  y = tiled_gmm(h, w_down, tile_expert)  # [tiles*tile, D]
+  return combine(y[dest], order, topk_weight, n)
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
 def _ragged_dot(lhs, rhs, group_sizes):
   return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
@@ -72,12 +139,15 @@ def _pallas_gmm(lhs, rhs, group_sizes):
 
 
 def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, w_gate: jax.Array,
-                w_up: jax.Array, w_down: jax.Array, *, method: str = "ragged") -> jax.Array:
+                w_up: jax.Array, w_down: jax.Array, *, method: str = "ragged",
+                tile: int = 128) -> jax.Array:
   """Routed experts for x [N, D]; topk_idx/topk_weight [N, K]; weights [E, D, I], [E, D, I], [E, I, D]."""
   if method == "dense":
     return _dense(x, topk_idx, topk_weight, w_gate, w_up, w_down)
   if method == "ragged":
     return _sorted(x, topk_idx, topk_weight, w_gate, w_up, w_down, _ragged_dot)
+  if method == "blocked":
+    return _blocked(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile)
   if method == "pallas":
     return _sorted(x, topk_idx, topk_weight, w_gate, w_up, w_down, _pallas_gmm)
   raise ValueError(f"moe dispatch method {method!r}: expected one of {METHODS}")

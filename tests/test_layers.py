@@ -59,7 +59,7 @@ def test_router_chooses_the_reference_experts(pairs, name):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-@pytest.mark.parametrize("dispatch", ["dense", "ragged"])
+@pytest.mark.parametrize("dispatch", ["dense", "ragged", "blocked"])
 def test_moe_block_alone(pairs, name, dispatch):
   cfg, hf, ours = pairs[name]
   x = _hidden(cfg)

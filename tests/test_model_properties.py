@@ -48,7 +48,7 @@ def test_jit_equals_eager(weights):
   np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dispatch", ["dense", "ragged"])
+@pytest.mark.parametrize("dispatch", ["dense", "ragged", "blocked"])
 def test_scan_equals_unrolled_forward_and_grad(weights, dispatch):
   cfg = CFG.replace(moe_dispatch=dispatch)
   unrolled = model_from_flat(cfg, weights)
