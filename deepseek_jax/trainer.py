@@ -1,7 +1,8 @@
 """The training loop: DeepSeek-V3's recipe (MTP, auxiliary-loss-free balancing) with exact resume.
 
 `train(TrainConfig(...))` is what `python -m deepseek_jax.train` and notebooks call. One step:
-  loss = CE + λ·MTP + α·Σ_layers seq_balance (+ α_V2·Σ_layers expert_balance when asked);
+  loss = CE + λ·MTP + α·Σ_layers seq_balance (+ α_V2·Σ_layers expert_balance when asked),
+         the MTP blocks' balance terms weighted by λ too;
   gradients summed over `grad_accum` micro-batches (mean), clipped, AdamW;
   then, outside the gradient, every noaux_tc router bias moves by γ·sign(mean load − load).
 The train state (parameters, optimizer state, router biases, step) and the data position are
@@ -111,6 +112,7 @@ def expert_alpha(tc: TrainConfig, cfg: DeepseekConfig) -> float:
 def make_loss_fn(graphdef, cfg: DeepseekConfig, tc: TrainConfig) -> Callable:
   """loss(params, rest, tokens [b, T+1]) -> (total, aux dict) for one micro-batch."""
   alpha_v2 = expert_alpha(tc, cfg)
+  n_main = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))  # routers before MTP's
 
   def loss_fn(params, rest, tokens):
     model = nnx.merge(graphdef, params, rest)
@@ -119,13 +121,16 @@ def make_loss_fn(graphdef, cfg: DeepseekConfig, tc: TrainConfig) -> Callable:
     ce, _ = losses.cross_entropy(out.logits, targets)
     mtp, per_depth = losses.mtp_loss(out.mtp_logits, targets)
     aux = jnp.zeros((), jnp.float32)
-    for r in out.router:
-      if tc.seq_aux_alpha:
-        aux += tc.seq_aux_alpha * losses.balance_loss(r.scores, r.topk_idx, per_sequence=True,
-                                                      normalize_scores=True)
-      if alpha_v2:
-        aux += alpha_v2 * losses.balance_loss(r.scores, r.topk_idx, per_sequence=cfg.seq_aux,
-                                              normalize_scores=False)
+    for i, r in enumerate(out.router):
+      # An MTP block's balance terms belong to the MTP objective: weighted by λ as well, so that
+      # λ = 0 leaves the main model exactly as without MTP layers.
+      w = 1.0 if i < n_main else tc.mtp_weight
+      if tc.seq_aux_alpha and w:
+        aux += w * tc.seq_aux_alpha * losses.balance_loss(
+            r.scores, r.topk_idx, per_sequence=True, normalize_scores=True)
+      if alpha_v2 and w:
+        aux += w * alpha_v2 * losses.balance_loss(
+            r.scores, r.topk_idx, per_sequence=cfg.seq_aux, normalize_scores=False)
     total = ce + tc.mtp_weight * mtp + aux
     e = cfg.n_routed_experts or 1
     counts = (jnp.stack([losses.expert_counts(r.topk_idx, e) for r in out.router])
@@ -141,17 +146,18 @@ def update_router_biases(rest, counts: jax.Array, speed: float):
   """Applies `losses.bias_update` to every router bias in `rest`, in router order (main MoE
   layers, stacked or not, then the MTP blocks); counts [R, E]."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(rest)
+  is_bias = ["e_score_correction_bias" in jax.tree_util.keystr(p) for p, _ in leaves]
+  total = sum(int(np.prod(l.shape[:-1])) for (_, l), b in zip(leaves, is_bias) if b)
+  if total != counts.shape[0]:
+    raise ValueError(f"router bias update: {total} biases for {counts.shape[0]} routers")
   out, r = [], 0
-  for path, leaf in leaves:
-    if "e_score_correction_bias" not in jax.tree_util.keystr(path):
+  for (_, leaf), bias in zip(leaves, is_bias):
+    if not bias:
       out.append(leaf)
       continue
     n = int(np.prod(leaf.shape[:-1]))                                    # stacked layers
-    c = counts[r:r + n].reshape(leaf.shape)
-    out.append(losses.bias_update(leaf, c, speed))
+    out.append(losses.bias_update(leaf, counts[r:r + n].reshape(leaf.shape), speed))
     r += n
-  if r != counts.shape[0]:
-    raise ValueError(f"router bias update: {r} biases for {counts.shape[0]} routers")
   return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -161,7 +167,15 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: DeepseekCon
 
   state = {"params", "rest" (router biases), "opt_state", "step"}. Not jitted here.
   """
-  grad_fn = jax.value_and_grad(make_loss_fn(graphdef, cfg, tc), has_aux=True)
+  # Differentiated with respect to the router biases too (their gradient is zero: they only steer
+  # the discrete top-k choice, and it is discarded): nnx.scan refuses Variables that come from an
+  # outer trace level, which a non-differentiated `rest` would be under a scanned model.
+  vg = jax.value_and_grad(make_loss_fn(graphdef, cfg, tc), argnums=(0, 1), has_aux=True)
+
+  def grad_fn(params, rest, toks):
+    value, (grads, _) = vg(params, rest, toks)
+    return value, grads
+
   schedule = optim.schedule(tc.optim_config())
   has_bias = cfg.is_moe and cfg.topk_method == "noaux_tc"
 
@@ -183,7 +197,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: DeepseekCon
       (grads, logs, counts), _ = jax.lax.scan(micro, zero, tokens)
       grads = jax.tree.map(lambda g: g / n_micro, grads)
       logs = jax.tree.map(lambda v: v / n_micro, logs)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     if has_bias and tc.bias_update_speed:
