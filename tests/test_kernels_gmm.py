@@ -1,0 +1,143 @@
+"""Grouped matmul kernel (interpret mode) against its pure-jnp reference: forward, gradients, tgmm.
+
+Shapes are fixed per test so each jitted function compiles once; hypothesis draws the group sizes
+(traced values), with the edge cases pinned as explicit examples.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from kernels_pallas import BlockSizes, gmm, gmm_reference, tgmm, tgmm_reference
+
+# M is not a multiple of tm; K and N span two (padded) tiles each, so every kernel path is taken.
+M, K, N, E = 200, 48, 40, 6
+BLOCKS = BlockSizes(tm=64, tk=32, tn=32)
+TOL = {jnp.float32: dict(rtol=1e-5, atol=1e-4), jnp.bfloat16: dict(rtol=2e-2, atol=6e-2)}
+HYP = settings(max_examples=15, deadline=None)
+
+
+def _sizes(cuts: list[int], fill: bool) -> np.ndarray:
+  """Group sizes from E-1 cut points in [0, total]; total = M when `fill`, else the largest cut."""
+  cuts = sorted(cuts)
+  total = M if fill else cuts[-1]
+  return np.diff(np.array([0, *cuts[:-1], total])).astype(np.int32)
+
+
+group_sizes_st = st.builds(_sizes, st.lists(st.integers(0, M), min_size=E, max_size=E), st.booleans())
+
+EDGE_CASES = {
+    "all_in_one": [0, 0, M, 0, 0, 0],
+    "all_empty": [0] * E,
+    "first_only": [M, 0, 0, 0, 0, 0],
+    "last_only": [0, 0, 0, 0, 0, M],
+    "partial_fill": [5, 0, 17, 0, 0, 30],
+    "boundaries_inside_tiles": [1, 63, 2, 70, 1, 63],
+    "tile_aligned": [64, 0, 64, 64, 0, 8],
+    "overflowing_sum_is_cut": [150, 100, 0, 0, 0, 0],
+}
+
+
+def _inputs(dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  lhs = jnp.asarray(rng.standard_normal((M, K)), dtype)
+  rhs = jnp.asarray(rng.standard_normal((E, K, N)) / np.sqrt(K), dtype)
+  cot = jnp.asarray(rng.standard_normal((M, N)), dtype)
+  return lhs, rhs, cot
+
+
+@functools.cache
+def _fwd_and_grads(dtype):
+  """Kernel and reference outputs and (d_lhs, d_rhs) of <out, cot>; the reference in float32."""
+
+  def run(fn, lhs, rhs, gs, cot):
+    def loss(a, b):
+      out = fn(a, b, gs)
+      return jnp.sum(out.astype(jnp.float32) * cot.astype(jnp.float32)), out
+    (_, out), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(lhs, rhs)
+    return out, *grads
+
+  kernel = functools.partial(gmm, block_sizes=BLOCKS, interpret=True)
+  reference = lambda a, b, g: gmm_reference(a.astype(jnp.float32), b.astype(jnp.float32), g)
+  return jax.jit(functools.partial(run, kernel)), jax.jit(functools.partial(run, reference))
+
+
+def _check_gmm(dtype, group_sizes):
+  lhs, rhs, cot = _inputs(dtype)
+  gs = jnp.asarray(group_sizes, jnp.int32)
+  kernel, reference = _fwd_and_grads(dtype)
+  got, want = kernel(lhs, rhs, gs, cot), reference(lhs, rhs, gs, cot)
+  assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == dtype
+  for name, g, w in zip(("out", "d_lhs", "d_rhs"), got, want):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), **TOL[dtype], err_msg=name)
+  # Rows past the last group are exact zeros, and receive no gradient.
+  used = int(min(np.sum(group_sizes), M))
+  assert not np.any(np.asarray(got[0][used:], np.float32))
+  assert not np.any(np.asarray(got[1][used:], np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", sorted(EDGE_CASES))
+def test_gmm_edge_cases(dtype, case):
+  _check_gmm(dtype, np.array(EDGE_CASES[case], np.int32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_gmm_drawn_group_sizes(dtype):
+  @HYP
+  @given(group_sizes_st)
+  @example(np.array([0, 0, 0, 0, 0, 0], np.int32))
+  def check(group_sizes):
+    _check_gmm(dtype, group_sizes)
+
+  check()
+
+
+@functools.cache
+def _tgmm_pair():
+  kernel = jax.jit(functools.partial(tgmm, block_sizes=BLOCKS, interpret=True, preferred_element_type=jnp.float32))
+  return kernel, jax.jit(tgmm_reference)
+
+
+@HYP
+@given(group_sizes_st)
+@example(np.array([0, M, 0, 0, 0, 0], np.int32))
+@example(np.array([0, 0, 0, 0, 0, 0], np.int32))
+def test_tgmm_against_reference(group_sizes):
+  lhs, _, cot = _inputs(jnp.float32, seed=1)
+  gs = jnp.asarray(group_sizes, jnp.int32)
+  kernel, reference = _tgmm_pair()
+  got = kernel(lhs, cot, gs)
+  assert got.shape == (E, K, N) and got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), np.asarray(reference(lhs, cot, gs)), **TOL[jnp.float32])
+  empty = np.flatnonzero(np.asarray(group_sizes) == 0)
+  assert not np.any(np.asarray(got)[empty])
+
+
+def test_default_block_sizes_and_tiny_problem():
+  """Default (interpret) tiles larger than the problem: one tile per dim, still exact."""
+  assert BlockSizes.default("cpu").tm >= 128 and BlockSizes.default("tpu").tk >= 128
+  rng = np.random.default_rng(2)
+  lhs = jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)
+  rhs = jnp.asarray(rng.standard_normal((3, 3, 2)), jnp.float32)
+  gs = jnp.array([2, 0, 3], jnp.int32)
+  out = gmm(lhs, rhs, gs, interpret=True)
+  want = np.concatenate([np.asarray(lhs[:2] @ rhs[0]), np.asarray(lhs[2:] @ rhs[2])])
+  np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_raise():
+  lhs = jnp.zeros((8, 4))
+  with pytest.raises(ValueError, match="rhs"):
+    gmm(lhs, jnp.zeros((2, 5, 3)), jnp.array([4, 4], jnp.int32), interpret=True)
+  with pytest.raises(ValueError, match="group_sizes"):
+    gmm(lhs, jnp.zeros((2, 4, 3)), jnp.array([4.0, 4.0]), interpret=True)
+  with pytest.raises(ValueError, match="tm"):
+    BlockSizes(tm=0)

@@ -1,0 +1,96 @@
+"""MLA decode attention kernel (interpret mode) against its pure-jnp reference, ragged lengths."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import DecodeBlockSizes, mla_decode_attention, mla_decode_reference
+
+B, H, L, R = 5, 4, 64, 16
+SCALE = 0.15
+TOL = {jnp.float32: dict(rtol=1e-5, atol=2e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+# S = 100 leaves a partial last block; lengths cover 0, 1, mid-block, block edges, full and past S.
+LENGTHS = [0, 1, 37, 64, 100]
+CASES = {
+    "ragged_tail": (100, DecodeBlockSizes(block_s=32, num_splits=2)),
+    "uneven_splits": (128, DecodeBlockSizes(block_s=16, num_splits=3)),
+    "one_block": (100, DecodeBlockSizes(block_s=512, num_splits=4)),
+}
+
+
+def _inputs(s_len, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  q = jnp.asarray(rng.standard_normal((B, H, L + R)), dtype)
+  cache = jnp.asarray(rng.standard_normal((B, s_len, L + R)), dtype)
+  return q, cache
+
+
+@functools.cache
+def _kernel(bs):
+  return jax.jit(functools.partial(mla_decode_attention, kv_lora_rank=L, softmax_scale=SCALE, block_sizes=bs,
+                                   interpret=True))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_decode_matches_reference(case, dtype):
+  s_len, bs = CASES[case]
+  q, cache = _inputs(s_len, dtype)
+  lengths = jnp.array([min(n, s_len) for n in LENGTHS], jnp.int32)
+  got = _kernel(bs)(q, cache, lengths)
+  assert got.shape == (B, H, L) and got.dtype == dtype
+  # Reference in float32 from the same (rounded) inputs.
+  want = mla_decode_reference(q.astype(jnp.float32), cache.astype(jnp.float32), lengths,
+                              kv_lora_rank=L, softmax_scale=SCALE)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), **TOL[dtype])
+  assert not np.any(np.asarray(got[0], np.float32)), "a row of length 0 must return zeros"
+
+
+def test_decode_ignores_positions_past_length():
+  """Garbage (even NaN) past a row's length must not reach the output."""
+  s_len, bs = CASES["ragged_tail"]
+  q, cache = _inputs(s_len, jnp.float32, seed=1)
+  lengths = jnp.array([3, 40, 64, 99, 0], jnp.int32)
+  pos = np.arange(s_len)[None, :, None]
+  poisoned = jnp.where(pos >= np.asarray(lengths)[:, None, None], jnp.nan, cache)
+  got = _kernel(bs)(q, poisoned, lengths)
+  want = _kernel(bs)(q, cache, lengths)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  ref = mla_decode_reference(q, poisoned, lengths, kv_lora_rank=L, softmax_scale=SCALE)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(ref), **TOL[jnp.float32])
+
+
+def test_decode_single_position_returns_its_value():
+  """With length 1 the softmax is one-hot: the output is that position's latent row."""
+  q, cache = _inputs(32, jnp.float32, seed=2)
+  lengths = jnp.ones((B,), jnp.int32)
+  got = _kernel(DecodeBlockSizes(block_s=8, num_splits=2))(q, cache, lengths)
+  np.testing.assert_allclose(np.asarray(got), np.broadcast_to(np.asarray(cache[:, None, 0, :L]), got.shape),
+                             rtol=1e-6, atol=1e-6)
+
+
+def test_decode_gradient_matches_reference():
+  s_len, bs = CASES["ragged_tail"]
+  q, cache = _inputs(s_len, jnp.float32, seed=3)
+  lengths = jnp.array(LENGTHS, jnp.int32)
+  kernel = lambda q, c: jnp.sum(_kernel(bs)(q, c, lengths) ** 2)
+  ref = lambda q, c: jnp.sum(mla_decode_reference(q, c, lengths, kv_lora_rank=L, softmax_scale=SCALE) ** 2)
+  for g, w in zip(jax.grad(kernel, (0, 1))(q, cache), jax.grad(ref, (0, 1))(q, cache)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5)
+
+
+def test_decode_bad_inputs_raise():
+  q, cache = _inputs(16, jnp.float32)
+  with pytest.raises(ValueError, match="lengths"):
+    mla_decode_attention(q, cache, jnp.zeros((B + 1,), jnp.int32), kv_lora_rank=L, softmax_scale=1.0,
+                         interpret=True)
+  with pytest.raises(ValueError, match="kv_lora_rank"):
+    mla_decode_attention(q, cache, jnp.zeros((B,), jnp.int32), kv_lora_rank=L + R + 1, softmax_scale=1.0,
+                         interpret=True)
+  with pytest.raises(ValueError, match="block_s"):
+    DecodeBlockSizes(block_s=12)
