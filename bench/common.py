@@ -1,0 +1,96 @@
+"""Shared benchmark plumbing: machine and version facts, alternating timed runs, the matmul roof,
+and the results files that `bench/run_all.py` assembles into RESULTS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def machine() -> dict:
+  """Processor, cores and the JAX backend this run used."""
+  import jax
+  cpu = platform.processor() or "unknown"
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  dev = jax.devices()[0]
+  return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
+          "device": getattr(dev, "device_kind", str(dev)), "devices": jax.device_count()}
+
+
+def versions() -> dict:
+  out = {"python": sys.version.split()[0]}
+  for mod in ("jax", "jaxlib", "flax", "optax", "torch", "transformers"):
+    try:
+      out[mod] = __import__(mod).__version__
+    except Exception:  # a peer may be absent
+      out[mod] = None
+  return out
+
+
+def time_alternating(fns: dict[str, Callable[[], object]], *, repeats: int = 5, warmup: int = 1,
+                     sync: Callable[[object], object] = lambda x: x) -> dict[str, float]:
+  """Median seconds per call of each fn, the fns run in turn (a, b, a, b, …) so that drifts in
+  machine load hit every side alike. `sync` blocks on a result (e.g. jax.block_until_ready)."""
+  for _ in range(warmup):
+    for fn in fns.values():
+      sync(fn())
+  times: dict[str, list[float]] = {k: [] for k in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      sync(fn())
+      times[name].append(time.perf_counter() - t0)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def matmul_roof_gflops(dtype: str = "float32", sizes=((4096, 512, 1024), (2048, 2048, 2048),
+                                                         (1024, 1024, 1024))) -> dict:
+  """The machine's own best dense matmul rate under XLA (the denominator of every MFU here)."""
+  import jax
+  import jax.numpy as jnp
+  best = {"gflops": 0.0}
+  for m, k, n in sizes:
+    a = jnp.ones((m, k), dtype)
+    b = jnp.ones((k, n), dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    t = time_alternating({"mm": lambda: f(a, b)}, repeats=5, sync=jax.block_until_ready)["mm"]
+    g = 2 * m * k * n / t / 1e9
+    if g > best["gflops"]:
+      best = {"gflops": g, "shape": [m, k, n], "dtype": dtype}
+  return best
+
+
+def save_result(name: str, result: dict) -> str:
+  """Writes bench/results/<name>.json (atomically) for run_all to assemble."""
+  os.makedirs(RESULTS_DIR, exist_ok=True)
+  path = os.path.join(RESULTS_DIR, f"{name}.json")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=1, default=str)
+  os.replace(tmp, path)
+  return path
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+  """A Markdown table."""
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.3g}" if abs(v) < 100 else f"{v:,.0f}"
+    return str(v)
+  lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+  lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+  return "\n".join(lines)
