@@ -1,9 +1,7 @@
 """Training metrics: `metrics.jsonl`, TensorBoard event files, a terminal progress bar, and MFU.
 
 `metrics.jsonl` holds one JSON object per logged step; `step` and `loss` are a public contract.
-TensorBoard is not a dependency: `EventFileWriter` writes the event-file format itself (TFRecord
-framing with masked CRC-32C, `Event`/`Summary` protocol buffers encoded by hand, scalars only),
-which TensorBoard reads as any other run.
+The same scalars go to TensorBoard event files (tensorboardX) under `<workdir>/tensorboard`.
 """
 
 from __future__ import annotations
@@ -11,8 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import struct
 import sys
 import time
 from typing import Any, Mapping
@@ -64,92 +60,21 @@ def truncate_jsonl(path: str, last_step: int) -> None:
 # ------------------------------------------------------------------------------------ TensorBoard
 
 
-def _crc32c_table() -> list[int]:
-  table = []
-  for i in range(256):
-    c = i
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-    table.append(c)
-  return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli), as TFRecord framing uses."""
-  c = 0xFFFFFFFF
-  for b in data:
-    c = _CRC_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
-  return c ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-  c = crc32c(data)
-  return (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-  out = bytearray()
-  n &= (1 << 64) - 1
-  while True:
-    b = n & 0x7F
-    n >>= 7
-    if n:
-      out.append(b | 0x80)
-    else:
-      out.append(b)
-      return bytes(out)
-
-
-def _field_bytes(number: int, payload: bytes) -> bytes:
-  return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def encode_event(wall_time: float, step: int | None = None, *, file_version: str | None = None,
-                 scalars: Mapping[str, float] | None = None) -> bytes:
-  """An `Event` protocol buffer: wall_time (1, double), step (2, int64), file_version (3,
-  string), summary (5) holding `Value`s with tag (1, string) and simple_value (2, float)."""
-  msg = bytearray(_varint(1 << 3 | 1) + struct.pack("<d", wall_time))
-  if step is not None:
-    msg += _varint(2 << 3 | 0) + _varint(int(step))
-  if file_version is not None:
-    msg += _field_bytes(3, file_version.encode())
-  if scalars:
-    summary = b"".join(
-        _field_bytes(1, _field_bytes(1, tag.encode()) + _varint(2 << 3 | 5)
-                     + struct.pack("<f", float(v)))
-        for tag, v in scalars.items())
-    msg += _field_bytes(5, summary)
-  return bytes(msg)
-
-
-def frame_record(data: bytes) -> bytes:
-  """TFRecord framing: length, masked CRC of the length, data, masked CRC of the data."""
-  header = struct.pack("<Q", len(data))
-  return (header + struct.pack("<I", masked_crc32c(header)) + data
-          + struct.pack("<I", masked_crc32c(data)))
-
-
 class EventFileWriter:
-  """Scalar summaries in a TensorBoard event file under `logdir`."""
+  """Scalar summaries as TensorBoard event files under `logdir` (through tensorboardX)."""
 
   def __init__(self, logdir: str):
-    os.makedirs(logdir, exist_ok=True)
-    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
-    self.path = os.path.join(logdir, name)
-    self._f = open(self.path, "ab")
-    self._f.write(frame_record(encode_event(time.time(), 0, file_version="brain.Event:2")))
-    self._f.flush()
+    from tensorboardX import SummaryWriter  # a dependency; imported here to keep startup light
+    self._w = SummaryWriter(logdir=logdir, flush_secs=10)
 
-  def scalars(self, step: int, values: Mapping[str, float]) -> None:
-    finite = {k: v for k, v in values.items() if isinstance(v, (int, float))}
-    self._f.write(frame_record(encode_event(time.time(), step, scalars=finite)))
-    self._f.flush()
+  def scalars(self, step: int, values: Mapping[str, Any]) -> None:
+    for tag, v in values.items():
+      if isinstance(v, (int, float)) and tag not in ("step", "time"):
+        self._w.add_scalar(tag, v, global_step=step)
 
   def close(self) -> None:
-    self._f.close()
+    self._w.flush()
+    self._w.close()
 
 
 # ------------------------------------------------------------------------------------ progress
