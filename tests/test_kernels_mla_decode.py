@@ -94,3 +94,15 @@ def test_decode_bad_inputs_raise():
                          interpret=True)
   with pytest.raises(ValueError, match="block_s"):
     DecodeBlockSizes(block_s=12)
+
+
+def test_decode_tpu_semantics_interpreter():
+  """TPU-semantics interpreter (uninitialised memory is NaN), ragged lengths with an empty row."""
+  from jax.experimental.pallas import tpu as pltpu
+  s_len, bs = CASES["ragged_tail"]
+  q, cache = _inputs(s_len, jnp.float32, seed=5)
+  lengths = jnp.array(LENGTHS, jnp.int32)
+  got = mla_decode_attention(q, cache, lengths, kv_lora_rank=L, softmax_scale=SCALE, block_sizes=bs,
+                             interpret=pltpu.InterpretParams(uninitialized_memory="nan"))
+  want = mla_decode_reference(q, cache, lengths, kv_lora_rank=L, softmax_scale=SCALE)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL[jnp.float32])
