@@ -1,0 +1,387 @@
+"""Fast generation over the MLA latent cache: one jitted prefill, a jitted `lax.while_loop` decode.
+
+Layout of a batch (RIGHT padding): prompt b's tokens sit at positions 0..len_b-1 and its cache
+slots hold exactly those; the prompt batch is padded to a length bucket (`bucket`) with id 0.
+The pad tokens of the prefill write garbage latents at slots >= len_b. That is harmless: a token
+at position p writes its own slot p before attending, and attends only to slots <= p, so every
+garbage slot is overwritten before anyone reads it. Generated token i of sequence b sits at
+position len_b + i.
+
+Compilation: the prefill compiles once per (prompt bucket, batch, cache length, settings); the
+decode loop once per (batch, cache length, settings). The number of new tokens, the EOS id and
+the number of loop steps per call are traced values, so streaming in chunks reuses one program.
+The cache length defaults to bucket(longest prompt) + bucket(max_new_tokens).
+
+Attention paths: decoding always uses the absorbed MLA path (it reads only the latent); the
+prefill uses the expanded path from `ABSORB_PREFILL_BELOW` tokens up (see bench/generate.py),
+unless `absorb` forces one path for both.
+
+Self-speculative decoding (greedy, MTP depth 1): each loop step feeds [token, draft] at positions
+[p, p+1]. The main model's argmax g0 at p is always right; when g0 equals the draft, g1 (its
+argmax at p+1) is right too, so one step emits 2 tokens, else 1. The MTP block then runs over
+the same two positions with the main hidden states and the embeddings of [g0, g1]; its
+prediction at the last correct position is the next draft. Rejected slots (main at p+1, MTP at
+p+1) are overwritten by the next step before they are read, as with padding. Outputs equal plain
+greedy decoding up to float rounding between a 1-token and a 2-token step.
+
+Legend: B batch, T prompt bucket, S cache length, N new-token capacity, V vocab.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepseek_jax.model import Cache
+from deepseek_jax.moe import MoE
+from deepseek_jax.sampling import SamplingParams, sample
+
+# Prompts shorter than this (tokens, bucketed) are prefilled with the absorbed path (measured with
+# bench/generate.py --prefill_sweep; see the module docstring).
+ABSORB_PREFILL_BELOW = 128
+MIN_BUCKET = 16
+
+# Times each jitted function was traced (a test checks that buckets prevent recompilation).
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+  """Padded length for n: a power of two up to 512, then a multiple of 512."""
+  n = max(int(n), minimum)
+  if n <= 512:
+    return 1 << (n - 1).bit_length()
+  return -(-n // 512) * 512
+
+
+# ---------------------------------------------------------------------------------------- inputs
+def prepare_prompts(prompt_ids: Any, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+  """Right-padded int32 [B, T] (T = bucket(longest)) and lengths [B] from lists or an array.
+
+  `prompt_ids` is a list of lists of ints (any lengths), one list of ints (one prompt), or an
+  integer array [B, T] / [T] whose rows are all full-length prompts.
+  """
+  if isinstance(prompt_ids, (np.ndarray, jax.Array)):
+    arr = np.asarray(prompt_ids)
+    if arr.ndim == 1:
+      arr = arr[None]
+    if arr.ndim != 2:
+      raise ValueError(f"prompt_ids: expected an int array [B, T], got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+      raise ValueError(f"prompt_ids: expected integer token ids, got dtype {arr.dtype}")
+    prompts = [list(map(int, row)) for row in arr]
+  else:
+    prompts = list(prompt_ids)
+    if prompts and not isinstance(prompts[0], (list, tuple, np.ndarray)):
+      prompts = [prompts]
+    prompts = [list(p) for p in prompts]
+  if not prompts:
+    raise ValueError("prompt_ids: the batch is empty")
+  for b, p in enumerate(prompts):
+    if not p:
+      raise ValueError(f"prompt_ids[{b}] is empty: every prompt needs at least one token")
+    for t in p:
+      if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
+        raise ValueError(f"prompt_ids[{b}]: token {t!r} is not an integer id")
+    bad = [t for t in p if not 0 <= t < vocab_size]
+    if bad:
+      raise ValueError(f"prompt_ids[{b}]: token id {bad[0]} is outside the vocabulary "
+                       f"[0, {vocab_size})")
+  lengths = np.array([len(p) for p in prompts], np.int32)
+  tokens = np.zeros((len(prompts), bucket(lengths.max())), np.int32)
+  for b, p in enumerate(prompts):
+    tokens[b, :len(p)] = p
+  return tokens, lengths
+
+
+# ---------------------------------------------------------------------------------------- state
+class DecodeState(NamedTuple):
+  """The decode loop's carry (a pytree); row b is sequence b."""
+  cache: Cache
+  token: jax.Array     # [B] int32 last emitted token, not yet fed to the model
+  pos: jax.Array       # [B] int32 its position
+  draft: jax.Array     # [B] int32 MTP's guess for the token at pos+1 (speculative only)
+  out: jax.Array       # [B, N+1] int32 emitted tokens (the first comes from the prefill)
+  count: jax.Array     # [B] int32 tokens emitted
+  done: jax.Array      # [B] bool: emitted EOS or max_new tokens
+  step: jax.Array      # [] int32 decode steps taken (keys the sampling noise)
+  verify: jax.Array    # [B] int32 speculative steps taken while running
+  accepted: jax.Array  # [B] int32 drafts accepted
+  logits: jax.Array | None  # [B, N, V] float32 logits of each emitted token (record_logits only)
+
+
+class _Static(NamedTuple):
+  """Compile-time settings of a generation (hashable)."""
+  sampling: SamplingParams
+  absorb_prefill: bool
+  absorb_decode: bool
+  speculative: bool
+  record_logits: bool
+  moe_method: str | None
+
+
+def _merge(graphdef, state, moe_method: str | None):
+  """The model for the current trace level (a fresh copy of the state's Variables, as NNX
+  transforms such as scan_layers' nnx.scan refuse Variables made at an outer level)."""
+  model = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
+  if moe_method:
+    for _, m in model.iter_modules():
+      if isinstance(m, MoE):
+        m.method = moe_method  # a private copy: merge builds new module objects
+  return model
+
+
+def _emit(out, index, tokens, mask):
+  """out [B, N+1] with tokens [B] written at column index [B] in the rows where mask [B]."""
+  rows = jnp.arange(out.shape[0])
+  idx = jnp.where(mask, index, out.shape[1])  # out of range: dropped
+  return out.at[rows, idx].set(tokens, mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "new_cap", "st"))
+def _prefill(graphdef, state, tokens, lengths, max_new, eos_id, key, *, cache_len: int,
+             new_cap: int, st: _Static) -> DecodeState:
+  TRACE_COUNTS["prefill"] += 1
+  model = _merge(graphdef, state, st.moe_method)
+  b, t = tokens.shape
+  rows = jnp.arange(b)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  # Prefill into a cache of the bucket's length (attention over T, not S slots), then widen it.
+  cache = model.init_cache(b, t)
+  if not st.speculative:
+    cache = Cache(cache.layers, ())  # only the speculative loop runs the MTP block
+  out = model.forward(tokens, positions=positions, cache=cache, absorb=st.absorb_prefill,
+                      with_mtp=st.speculative)
+  widen = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, cache_len - t), (0, 0)])
+  cache = jax.tree.map(widen, out.cache)  # every cache array is [..., S, width]
+  last = lengths - 1
+  logits = out.logits[rows, last]  # [B, V]
+  first = sample(logits, jax.random.fold_in(key, 0), st.sampling)
+  draft = jnp.zeros_like(first)
+  if st.speculative:
+    # MTP at the last prompt position needs the first generated token's embedding.
+    _, normed, _, mtp_cache = model.mtp[0](out.hidden[rows, last][:, None],
+                                           model.embed(first[:, None]), last[:, None], None,
+                                           st.absorb_decode, cache.mtp[0])
+    draft = jnp.argmax(model.head(normed)[:, 0], axis=-1).astype(jnp.int32)
+    cache = Cache(cache.layers, (mtp_cache,) + cache.mtp[1:])
+  zeros = jnp.zeros((b,), jnp.int32)
+  no = jnp.zeros((b,), jnp.bool_)
+  buf = _emit(jnp.zeros((b, new_cap + 1), jnp.int32), zeros, first, ~no)
+  rec = None
+  if st.record_logits:
+    rec = jnp.zeros((b, new_cap, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
+  return DecodeState(cache, first, lengths, draft, buf, zeros + 1, (first == eos_id) | (max_new <= 1),
+                     jnp.zeros((), jnp.int32), zeros, zeros, rec)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "st"), donate_argnames=("carry",))
+def _decode(graphdef, state, carry: DecodeState, steps, max_new, eos_id, key, *,
+            st: _Static) -> DecodeState:
+  """Runs up to `steps` loop steps (stopping early when every sequence is done)."""
+  TRACE_COUNTS["decode"] += 1
+  rows = jnp.arange(carry.token.shape[0])
+  end = carry.step + steps
+
+  # The model is rebuilt inside the loop body (see `_merge`).
+  def plain(s: DecodeState) -> DecodeState:
+    model = _merge(graphdef, state, st.moe_method)
+    out = model.forward(s.token[:, None], positions=s.pos[:, None], cache=s.cache,
+                        absorb=st.absorb_decode, with_mtp=False)
+    logits = out.logits[:, 0]  # [B, V]
+    nxt = sample(logits, jax.random.fold_in(key, s.step + 1), st.sampling)
+    run = ~s.done
+    rec = s.logits
+    if rec is not None:
+      rec = rec.at[rows, jnp.where(run, s.count, rec.shape[1])].set(logits, mode="drop")
+    count = s.count + run
+    done = s.done | (run & ((nxt == eos_id) | (count >= max_new)))
+    return s._replace(cache=out.cache, token=jnp.where(run, nxt, s.token), pos=s.pos + run,
+                      out=_emit(s.out, s.count, nxt, run), count=count, done=done,
+                      step=s.step + 1, logits=rec)
+
+  def speculative(s: DecodeState) -> DecodeState:
+    model = _merge(graphdef, state, st.moe_method)
+    pair = jnp.stack([s.token, s.draft], axis=1)  # [B, 2]
+    pos2 = s.pos[:, None] + jnp.arange(2, dtype=jnp.int32)  # [B, 2]
+    out = model.forward(pair, positions=pos2, cache=s.cache, absorb=st.absorb_decode,
+                        with_mtp=False)
+    g = jnp.argmax(out.logits, axis=-1).astype(jnp.int32)  # [B, 2] main model's choices
+    _, normed, _, mtp_cache = model.mtp[0](out.hidden, model.embed(g), pos2, None,
+                                           st.absorb_decode, out.cache.mtp[0])
+    guess = jnp.argmax(model.head(normed), axis=-1).astype(jnp.int32)  # [B, 2]
+    run = ~s.done
+    accept = g[:, 0] == s.draft
+    out_buf = _emit(s.out, s.count, g[:, 0], run)
+    count = s.count + run
+    stop = run & ((g[:, 0] == eos_id) | (count >= max_new))
+    second = run & ~stop & accept
+    out_buf = _emit(out_buf, count, g[:, 1], second)
+    count = count + second
+    stop = stop | (second & ((g[:, 1] == eos_id) | (count >= max_new)))
+    cache = Cache(out.cache.layers, (mtp_cache,) + out.cache.mtp[1:])
+    return s._replace(cache=cache, token=jnp.where(run, jnp.where(second, g[:, 1], g[:, 0]), s.token),
+                      pos=s.pos + run + second,
+                      draft=jnp.where(run, jnp.where(accept, guess[:, 1], guess[:, 0]), s.draft),
+                      out=out_buf, count=count, done=s.done | stop, step=s.step + 1,
+                      verify=s.verify + run, accepted=s.accepted + (run & accept))
+
+  body = speculative if st.speculative else plain
+  cond = lambda s: (s.step < end) & ~jnp.all(s.done)
+  return jax.lax.while_loop(cond, body, carry)
+
+
+# ---------------------------------------------------------------------------------------- driver
+class Generation:
+  """One batch of prompts being generated: `prefill()`, then `decode(steps)` until `finished`.
+
+  `generate` runs it in one go; the CLI calls `decode` in chunks to stream text.
+  """
+
+  def __init__(self, model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+               eos_id: int | None = None, max_len: int | None = None, absorb: bool | None = None,
+               speculative: bool = False, moe_method: str | None = None,
+               record_logits: bool = False):
+    cfg = model.cfg
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    sampling = SamplingParams(float(temperature), top_k, top_p)
+    if speculative:
+      if not cfg.num_nextn_predict_layers or not len(model.mtp):
+        raise ValueError("speculative=True needs a model with an MTP module "
+                         "(num_nextn_predict_layers >= 1, MTP weights loaded)")
+      if not sampling.greedy:
+        raise ValueError("speculative decoding is greedy only: use temperature=0")
+      if record_logits:
+        raise ValueError("record_logits is not available with speculative decoding")
+    self.tokens, self.lengths = prepare_prompts(prompt_ids, cfg.vocab_size)
+    longest = int(self.lengths.max())
+    limit = max_len if max_len is not None else cfg.max_position_embeddings
+    if longest + max_new_tokens > limit:
+      what = "max_len" if max_len is not None else "the model's max_position_embeddings"
+      raise ValueError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds "
+                       f"{what} = {limit}")
+    self.new_cap = bucket(max_new_tokens)
+    self.cache_len = (int(max_len) if max_len is not None
+                      else self.tokens.shape[1] + self.new_cap)
+    if self.cache_len < self.tokens.shape[1]:  # the padded prompt bucket must fit in the cache
+      self.tokens = self.tokens[:, :self.cache_len]
+    absorb_prefill = (self.tokens.shape[1] < ABSORB_PREFILL_BELOW) if absorb is None else absorb
+    self.static = _Static(sampling, bool(absorb_prefill), True if absorb is None else bool(absorb),
+                          bool(speculative), bool(record_logits), moe_method)
+    self.max_new = int(max_new_tokens)
+    eos = cfg.eos_token_id if eos_id is None else eos_id
+    self.eos_id = -1 if eos is None or eos < 0 else int(eos)
+    self.key = jax.random.key(seed)
+    self.graphdef, self.state = nnx.split(model)
+    self.carry: DecodeState | None = None
+
+  def _scalars(self):
+    return jnp.int32(self.max_new), jnp.int32(self.eos_id), self.key
+
+  def prefill(self) -> None:
+    """Runs the prompt through the model and emits the first token (blocks until done)."""
+    self.carry = _prefill(self.graphdef, self.state, jnp.asarray(self.tokens),
+                          jnp.asarray(self.lengths), *self._scalars(), cache_len=self.cache_len,
+                          new_cap=self.new_cap, st=self.static)
+    jax.block_until_ready(self.carry.count)
+
+  def decode(self, steps: int | None = None) -> None:
+    """Up to `steps` more decode steps (all remaining when None); blocks until done."""
+    if self.carry is None:
+      self.prefill()
+    steps = self.max_new if steps is None else steps
+    self.carry = _decode(self.graphdef, self.state, self.carry, jnp.int32(steps),
+                         *self._scalars(), st=self.static)
+    jax.block_until_ready(self.carry.count)
+
+  @property
+  def finished(self) -> bool:
+    return self.carry is not None and bool(np.all(np.asarray(self.carry.done)))
+
+  def results(self) -> list[list[int]]:
+    """The new tokens of each sequence so far, ending at its EOS (included) or max_new_tokens."""
+    out, count = np.asarray(self.carry.out), np.asarray(self.carry.count)
+    return [out[b, :min(int(count[b]), self.max_new)].tolist() for b in range(out.shape[0])]
+
+  def step_logits(self) -> list[np.ndarray]:
+    """Per sequence: float32 [n, V], the logits from which each emitted token was chosen."""
+    if self.carry is None or self.carry.logits is None:
+      raise ValueError("step_logits needs record_logits=True and a prefill")
+    rec, count = np.asarray(self.carry.logits), np.asarray(self.carry.count)
+    return [rec[b, :min(int(count[b]), self.max_new)] for b in range(rec.shape[0])]
+
+  def acceptance(self) -> float:
+    """Speculative decoding: accepted drafts / verification steps over the batch."""
+    verify = int(np.asarray(self.carry.verify).sum())
+    return int(np.asarray(self.carry.accepted).sum()) / verify if verify else 0.0
+
+
+def generate(model, prompt_ids: Any, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+             eos_id: int | None = None, max_len: int | None = None, absorb: bool | None = None,
+             speculative: bool = False, moe_method: str | None = None) -> list[list[int]]:
+  """Generates up to `max_new_tokens` tokens after each prompt; returns the new token ids.
+
+  Args:
+    model: a `DeepseekForCausalLM`.
+    prompt_ids: a list of lists of token ids (any lengths), one list, or an int array [B, T].
+    max_new_tokens: >= 1.
+    temperature, top_k, top_p: sampling (see `deepseek_jax.sampling`); temperature 0 is greedy.
+    seed: the sampling noise's seed (same seed, same output).
+    eos_id: stop a sequence after it emits this id; None uses the config's `eos_token_id`;
+      a negative value never stops early.
+    max_len: the cache length (prompt + new tokens must fit); default: the bucketed total, and
+      the prompt must fit in the model's `max_position_embeddings`.
+    absorb: None decodes with the absorbed MLA path and prefills by prompt length
+      (`ABSORB_PREFILL_BELOW`); True or False forces one path for both.
+    speculative: greedy self-speculative decoding with MTP depth 1 (same output, fewer steps).
+    moe_method: override the model's MoE dispatch method for generation (e.g. "dense").
+
+  Returns:
+    One list per prompt of the generated ids (not the prompt), ending with EOS when one was
+    emitted, else `max_new_tokens` long.
+  """
+  g = Generation(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
+                 top_p=top_p, seed=seed, eos_id=eos_id, max_len=max_len, absorb=absorb,
+                 speculative=speculative, moe_method=moe_method)
+  g.prefill()
+  g.decode()
+  return g.results()
+
+
+def cache_bytes(cache: Cache) -> int:
+  """Bytes held by a cache's arrays."""
+  return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
+
+def load_model(model_dir: str, *, dtype=jnp.float32, **config_overrides):
+  """A model from a released-layout safetensors directory or (when supported) an Orbax checkpoint."""
+  import os
+  if not os.path.isdir(model_dir):
+    raise FileNotFoundError(f"--model_dir={model_dir}: not a directory")
+  try:
+    from deepseek_jax import checkpoint  # lands with the conversion work
+  except ImportError:
+    checkpoint = None
+  if checkpoint is not None and checkpoint.is_orbax_checkpoint(model_dir):
+    return checkpoint.restore_params(model_dir, dtype=dtype, **config_overrides)
+  if not os.path.isfile(os.path.join(model_dir, "config.json")):
+    raise FileNotFoundError(f"--model_dir={model_dir}: no config.json (expected a safetensors "
+                            "directory with config.json, or an Orbax checkpoint)")
+  from deepseek_jax.pretrained import from_pretrained
+  return from_pretrained(model_dir, dtype=dtype, **config_overrides)
+
+
+def load_tokenizer_for(model_dir: str):
+  """The directory's tokenizer.json when there is one, else the built-in byte tokenizer."""
+  import os
+  from deepseek_jax.tokenizer import ByteTokenizer, load_tokenizer
+  if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+    return load_tokenizer(model_dir)
+  return ByteTokenizer()
