@@ -29,9 +29,13 @@ METHODS = ("dense", "ragged", "blocked", "pallas")
 
 
 def default_method(platform: str | None = None) -> str:
-  """Pallas grouped matmul on TPU and GPU; the tiled batched matmul on CPU (see bench/dispatch.py)."""
+  """The Pallas grouped matmul on TPU (its kernel is written for Mosaic TPU and does not lower for
+  GPU); ragged_dot on GPU, where XLA lowers it to a grouped GEMM; the tiled matmul on CPU, where
+  ragged_dot is a masked dense product (bench/dispatch.py)."""
   platform = platform or jax.default_backend()
-  return "pallas" if platform in ("tpu", "gpu", "cuda", "rocm") else "blocked"
+  if platform == "tpu":
+    return "pallas"
+  return "ragged" if platform in ("gpu", "cuda", "rocm") else "blocked"
 
 
 def sort_by_expert(topk_idx: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:

@@ -76,3 +76,31 @@ def test_unknown_method():
   x, idx, w = _case(4, 2, np.arange(E), 0)
   with pytest.raises(ValueError, match="warp"):
     dispatch.moe_experts(x, idx, w, *_weights(), method="warp")
+
+
+def test_default_method_by_platform():
+  assert dispatch.default_method("tpu") == "pallas"
+  assert dispatch.default_method("gpu") == "ragged"
+  assert dispatch.default_method("cpu") == "blocked"
+
+
+def test_whole_model_with_pallas_dispatch_equals_dense():
+  """The Pallas grouped matmul (interpreted on CPU) inside the full model, forward and gradient."""
+  from flax import nnx
+
+  from deepseek_jax import get_preset
+  from deepseek_jax.model import DeepseekForCausalLM
+  from deepseek_jax.params import flat_state, model_from_flat
+  cfg = get_preset("tiny_v3")
+  flat = flat_state(DeepseekForCausalLM(cfg, rngs=nnx.Rngs(0)))
+  ids = jnp.asarray(np.random.RandomState(0).randint(0, cfg.vocab_size, (2, 9)), jnp.int32)
+  out = {}
+  for method in ("dense", "pallas"):
+    model = model_from_flat(cfg.replace(moe_dispatch=method), flat)
+    step = nnx.jit(lambda m: (m(ids), *nnx.value_and_grad(lambda m: jnp.mean(m(ids) ** 2))(m)))
+    logits, loss, grads = step(model)
+    out[method] = (logits, loss, grads.layers[1].mlp.experts.gate_proj[...])
+  np.testing.assert_allclose(np.asarray(out["pallas"][0]), np.asarray(out["dense"][0]), atol=1e-5)
+  np.testing.assert_allclose(float(out["pallas"][1]), float(out["dense"][1]), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(out["pallas"][2]), np.asarray(out["dense"][2]), atol=1e-6,
+                             rtol=1e-4)
