@@ -137,9 +137,17 @@ def _ragged_dot(lhs, rhs, group_sizes):
   return jax.lax.ragged_dot(lhs, rhs, group_sizes)
 
 
+# Run the Pallas kernel interpreted? None: when the default backend is the CPU. Exports for
+# another platform from a CPU set it to False so the real kernel is lowered.
+PALLAS_INTERPRET: bool | None = None
+
+
 def _pallas_gmm(lhs, rhs, group_sizes):
   from kernels_pallas import gmm  # imported lazily: the kernels are optional on CPU
-  return gmm(lhs, rhs, group_sizes, interpret=jax.default_backend() == "cpu")
+  interpret = PALLAS_INTERPRET
+  if interpret is None:
+    interpret = jax.default_backend() == "cpu"
+  return gmm(lhs, rhs, group_sizes, interpret=interpret)
 
 
 def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, w_gate: jax.Array,
