@@ -16,11 +16,18 @@ $(VENV)/.test: $(VENV)/.base
 	$(PIP) -e ".[test]"
 	touch $@
 
+$(VENV)/.bench: $(VENV)/.base
+	$(PIP) -e ".[bench]"
+	touch $@
+
 demo: $(VENV)/.base
 	$(PY) -m deepseek_jax.demo
 
 test: $(VENV)/.test
 	JAX_PLATFORMS=cpu $(PY) -m pytest tests
+
+bench: $(VENV)/.bench
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf $(VENV)
