@@ -77,7 +77,13 @@ def main():
                      [[r["tokens"], r["experts"], r["mode"], r["method"], r["ms"], r["gflops"],
                        r["vs_matmul"]] for r in rows])]
   print("\n".join(md))
+  n, e = shapes[-1]
+  last = [r for r in rows if (r["tokens"], r["experts"], r["mode"]) == (n, e, "forward+backward")]
+  chart = {"title": f"forward+backward, {n} tokens, {e} experts (time / dense matmul)",
+           "labels": [r["method"] for r in last], "values": [r["vs_matmul"] for r in last],
+           "ylabel": "x the time of one dense matmul with the same useful FLOPs", "reference": 1.0}
   common.save_result("dispatch", {"rows": rows, "default": default, "markdown": "\n".join(md),
+                                  "chart": chart,
                                   "machine": common.machine(), "versions": common.versions(),
                                   "command": "python bench/dispatch.py" + (" --quick" if args.quick else "")})
 
