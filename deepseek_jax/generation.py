@@ -369,7 +369,8 @@ def load_model(model_dir: str, *, dtype=jnp.float32, **config_overrides):
     from deepseek_jax import checkpoint  # lands with the conversion work
   except ImportError:
     checkpoint = None
-  if checkpoint is not None and checkpoint.is_orbax_checkpoint(model_dir):
+  is_orbax = getattr(checkpoint, "is_orbax_checkpoint", None)
+  if is_orbax is not None and is_orbax(model_dir):
     return checkpoint.restore_params(model_dir, dtype=dtype, **config_overrides)
   if not os.path.isfile(os.path.join(model_dir, "config.json")):
     raise FileNotFoundError(f"--model_dir={model_dir}: no config.json (expected a safetensors "

@@ -1,0 +1,122 @@
+"""Command line text generation, streamed as it is produced.
+
+  python -m deepseek_jax.generate --model_dir=DIR --prompt="Hello" --max_new_tokens=64 \
+      --temperature=0.7 [--top_k=50 --top_p=0.9 --seed=0 --absorb=auto --speculative]
+
+`--model_dir` is a released-layout safetensors directory (config.json + *.safetensors) or an Orbax
+checkpoint of ours. Text is tokenized with the directory's tokenizer.json when there is one, else
+with the built-in byte tokenizer. The decode loop runs in chunks of `--chunk` steps (one compiled
+program, reused); the text is printed after each chunk. Prefill and decode tokens/s are printed
+at the end (after a warm-up that compiles both programs, unless --nowarmup).
+
+Importing this module makes it callable as `deepseek_jax.generation.generate`, so that
+`deepseek_jax.generate(model, ...)` keeps working after `import deepseek_jax.generate` has bound
+the package attribute to this module.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import types
+
+from absl import app, flags
+
+from deepseek_jax import generation
+
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Safetensors directory or Orbax checkpoint.")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (>= 1).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy (argmax).")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens.")
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling probability mass.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_ABSORB = flags.DEFINE_enum("absorb", "auto", ["auto", "true", "false"],
+                            "MLA path: auto (absorbed decode, prefill by length) or forced.")
+_SPECULATIVE = flags.DEFINE_bool("speculative", False,
+                                 "Greedy self-speculative decoding with the MTP head.")
+_CHUNK = flags.DEFINE_integer("chunk", 16, "Decode loop steps per streamed call.")
+_MAX_LEN = flags.DEFINE_integer("max_len", None, "Cache length (default: bucketed prompt + new).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and storage dtype.")
+_BOS = flags.DEFINE_bool("bos", True, "Prepend the tokenizer's bos token when it has one.")
+_WARMUP = flags.DEFINE_bool("warmup", True, "Compile before timing (one prefill and one step).")
+
+
+def _settle(text: str) -> str:
+  """Text safe to print now: a trailing replacement char may be a cut multi-byte character."""
+  return text.rstrip("\ufffd")
+
+
+def run(model, tokenizer, prompts: list[str], *, max_new_tokens: int, chunk: int = 16,
+        warmup: bool = True, bos: bool = True, out=sys.stdout, **gen_kw) -> list[str]:
+  """Generates for each prompt, streaming the first one to `out`; returns the completions."""
+  ids = [tokenizer.encode(p) for p in prompts]
+  if bos and tokenizer.bos_id is not None:
+    ids = [[tokenizer.bos_id] + i for i in ids]
+  gen_kw.setdefault("eos_id", -1 if tokenizer.eos_id is None else tokenizer.eos_id)
+  if warmup:
+    w = generation.Generation(model, ids, max_new_tokens, **gen_kw)
+    w.prefill()
+    w.decode(1)
+  g = generation.Generation(model, ids, max_new_tokens, **gen_kw)
+  t0 = time.perf_counter()
+  g.prefill()
+  t1 = time.perf_counter()
+  shown = ""
+  out.write(prompts[0])
+  while True:
+    text = _settle(tokenizer.decode(g.results()[0]))
+    if text.startswith(shown) and len(text) > len(shown):
+      out.write(text[len(shown):])
+      out.flush()
+      shown = text
+    if g.finished:
+      break
+    g.decode(chunk)
+  t2 = time.perf_counter()
+  texts = [tokenizer.decode(r) for r in g.results()]
+  if texts[0] != shown:
+    out.write(texts[0][len(shown):] if texts[0].startswith(shown) else "\n" + texts[0])
+  out.write("\n")
+  for p, t in zip(prompts[1:], texts[1:]):
+    out.write(f"---\n{p}{t}\n")
+  n_prompt = int(g.lengths.sum())
+  n_new = sum(len(r) for r in g.results())
+  decoded = n_new - len(prompts)  # the first token of each comes from the prefill
+  out.write(f"--- prefill: {n_prompt} tokens in {t1 - t0:.3f} s ({n_prompt / (t1 - t0):.1f} tok/s); "
+            f"decode: {decoded} tokens in {t2 - t1:.3f} s "
+            f"({decoded / max(t2 - t1, 1e-9):.1f} tok/s)")
+  if gen_kw.get("speculative"):
+    out.write(f"; draft acceptance {g.acceptance():.2f}")
+  out.write("\n")
+  return texts
+
+
+def main(argv):
+  del argv
+  import jax.numpy as jnp
+  if not _MODEL_DIR.value:
+    raise app.UsageError("--model_dir is required")
+  if not _PROMPT.value:
+    raise app.UsageError("--prompt is required")
+  dtype = jnp.float32 if _DTYPE.value == "float32" else jnp.bfloat16
+  model = generation.load_model(_MODEL_DIR.value, dtype=dtype)
+  tokenizer = generation.load_tokenizer_for(_MODEL_DIR.value)
+  absorb = {"auto": None, "true": True, "false": False}[_ABSORB.value]
+  run(model, tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value, chunk=_CHUNK.value,
+      warmup=_WARMUP.value, bos=_BOS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+      top_p=_TOP_P.value, seed=_SEED.value, absorb=absorb, speculative=_SPECULATIVE.value,
+      max_len=_MAX_LEN.value)
+
+
+class _CallableModule(types.ModuleType):
+  """This module, callable as `generation.generate` (see the module docstring)."""
+
+  def __call__(self, *args, **kwargs):
+    return generation.generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,74 @@
+"""The generation CLI: streamed text, timings, tokenizer choice, and `deepseek_jax.generate` callable."""
+
+import io
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+import deepseek_jax
+from deepseek_jax import generation, get_preset
+from deepseek_jax.tokenizer import ByteTokenizer
+from hf_reference import save_hf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("tiny_v2_lite")
+  save_hf(get_preset("tiny_v2_lite"), d, seed=2)
+  return str(d)
+
+
+def test_run_streams_the_same_text_as_generate(model_dir):
+  model = generation.load_model(model_dir)
+  tok = generation.load_tokenizer_for(model_dir)
+  assert isinstance(tok, ByteTokenizer)
+  out = io.StringIO()
+  texts = generation_run(model, tok, ["Hello", "Hi"], out)
+  ids = [[tok.bos_id] + tok.encode(p) for p in ("Hello", "Hi")]
+  want = [tok.decode(r) for r in generation.generate(model, ids, 20, eos_id=tok.eos_id)]
+  assert texts == want
+  printed = out.getvalue()
+  assert printed.startswith("Hello" + want[0]) and "prefill:" in printed and "decode:" in printed
+
+
+def generation_run(model, tok, prompts, out):
+  from deepseek_jax import generate as cli  # binds deepseek_jax.generate to the CLI module
+  return cli.run(model, tok, prompts, max_new_tokens=20, chunk=4, warmup=False, out=out)
+
+
+def test_package_generate_stays_callable(model_dir):
+  import deepseek_jax.generate  # noqa: F401  (the CLI module)
+  model = generation.load_model(model_dir)
+  assert deepseek_jax.generate(model, [[3, 4]], 3, eos_id=-1) == generation.generate(
+      model, [[3, 4]], 3, eos_id=-1)
+
+
+def test_tokenizer_json_is_used(tmp_path, model_dir):
+  tokenizers = pytest.importorskip("tokenizers")
+  vocab = {w: i for i, w in enumerate(["[UNK]", "hello", "world", "again"])}
+  t = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+  t.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  for name in os.listdir(model_dir):
+    os.symlink(os.path.join(model_dir, name), tmp_path / name)
+  t.save(str(tmp_path / "tokenizer.json"))
+  tok = generation.load_tokenizer_for(str(tmp_path))
+  assert tok.encode("hello world") == [1, 2]
+
+
+def test_cli_end_to_end(model_dir):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  res = subprocess.run(
+      [sys.executable, "-m", "deepseek_jax.generate", f"--model_dir={model_dir}", "--prompt=Hi",
+       "--max_new_tokens=5", "--temperature=0.8", "--top_k=5", "--nowarmup"],
+      capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+  assert res.returncode == 0, res.stderr
+  assert res.stdout.startswith("Hi") and "tok/s" in res.stdout
+  bad = subprocess.run([sys.executable, "-m", "deepseek_jax.generate", f"--model_dir={ROOT}/tests",
+                        "--prompt=Hi"], capture_output=True, text=True, env=env, timeout=120,
+                       cwd=ROOT)
+  assert bad.returncode != 0 and "no config.json" in bad.stderr
