@@ -30,16 +30,18 @@ import numpy as np
 from deepseek_jax.tokenizer import Tokenizer
 
 DEFAULT_PATTERNS = ("*.py", "*.txt", "*.md")
+DEFAULT_EXCLUDE = ("__pycache__", ".*")  # directory names never entered
 _META_VERSION = 1
 
 
 def list_files(data: str | os.PathLike | Sequence[str | os.PathLike], *,
                patterns: Sequence[str] = DEFAULT_PATTERNS,
+               exclude: Sequence[str] = DEFAULT_EXCLUDE,
                max_bytes: int | None = None) -> list[str]:
   """Absolute paths of the corpus files, sorted; `data` is one path, comma-separated paths or a list.
 
   A file named directly is taken whatever its extension; directories are walked recursively for
-  files matching `patterns`. With `max_bytes`, files are taken in order until their total size
+  files matching `patterns`, skipping subdirectories whose name matches `exclude`. With `max_bytes`, files are taken in order until their total size
   reaches the cap (at least one file). Raises FileNotFoundError naming a missing path and
   ValueError when nothing matches.
   """
@@ -55,7 +57,7 @@ def list_files(data: str | os.PathLike | Sequence[str | os.PathLike], *,
       found.append(os.path.abspath(p))
     elif os.path.isdir(p):
       for root, dirs, names in os.walk(p):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not any(fnmatch.fnmatch(d, x) for x in exclude))
         for n in sorted(names):
           if any(fnmatch.fnmatch(n, pat) for pat in patterns):
             full = os.path.join(root, n)
@@ -229,10 +231,11 @@ class DataIterator:
 
 
 def make_dataset(data: str | Sequence[str], tokenizer: Tokenizer, seq_len: int, cache_dir: str, *,
-                 patterns: Sequence[str] = DEFAULT_PATTERNS, max_bytes: int | None = None,
+                 patterns: Sequence[str] = DEFAULT_PATTERNS,
+                 exclude: Sequence[str] = DEFAULT_EXCLUDE, max_bytes: int | None = None,
                  log=None) -> PackedDataset:
   """list_files + build_token_file + PackedDataset, with errors that name `data`."""
-  files = list_files(data, patterns=patterns, max_bytes=max_bytes)
+  files = list_files(data, patterns=patterns, exclude=exclude, max_bytes=max_bytes)
   meta = build_token_file(files, tokenizer, cache_dir, log=log)
   source = data if isinstance(data, str) else ",".join(map(str, data))
   return PackedDataset(load_tokens(meta), seq_len, source=f"--data={source}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
+from deepseek_jax.config import MOE_DISPATCHES
 from deepseek_jax.trainer import TrainConfig, train
 
 _D = TrainConfig()
@@ -18,6 +19,7 @@ flags.DEFINE_string("config_json", None, "Hugging Face style config.json (file o
 flags.DEFINE_string("init_from", None, "Released safetensors directory or a trainer workdir.")
 flags.DEFINE_string("data", None, "Text files or directories, comma-separated.", required=True)
 flags.DEFINE_list("data_patterns", list(_D.data_patterns), "File patterns searched in directories.")
+flags.DEFINE_list("data_exclude", list(_D.data_exclude), "Directory names never entered.")
 flags.DEFINE_integer("max_data_bytes", None, "Cap on the corpus size in bytes.")
 flags.DEFINE_string("tokenizer", _D.tokenizer, "'byte', a tokenizer.json, or a directory with one.")
 flags.DEFINE_integer("seq_len", _D.seq_len, "Tokens per sequence.")
@@ -44,7 +46,7 @@ flags.DEFINE_integer("tensor", _D.tensor, "Tensor-parallel mesh axis.")
 flags.DEFINE_bool("remat", _D.remat, "Recompute layer activations in the backward pass.")
 flags.DEFINE_enum("compute_dtype", _D.compute_dtype, ["float32", "bfloat16"],
                   "Compute dtype (parameters stay float32).")
-flags.DEFINE_enum("moe_dispatch", None, ["auto", "dense", "ragged", "pallas"],
+flags.DEFINE_enum("moe_dispatch", None, list(MOE_DISPATCHES),
                   "Override the config's MoE dispatch.")
 flags.DEFINE_bool("scan_layers", None, "Override the config's scan_layers.")
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard files.",
@@ -63,7 +65,7 @@ def config_from_flags() -> TrainConfig:
   kw = {}
   for name in TrainConfig.__dataclass_fields__:
     value = getattr(FLAGS, name)
-    kw[name] = tuple(value) if name == "data_patterns" else value
+    kw[name] = tuple(value) if name in ("data_patterns", "data_exclude") else value
   return TrainConfig(**kw)
 
 

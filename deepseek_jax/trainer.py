@@ -47,6 +47,7 @@ class TrainConfig:
   # data
   data: str = ""                       # files / directories (comma-separated), searched recursively
   data_patterns: tuple[str, ...] = data_lib.DEFAULT_PATTERNS  # file name patterns in directories
+  data_exclude: tuple[str, ...] = data_lib.DEFAULT_EXCLUDE    # directory names never entered
   max_data_bytes: int | None = None    # cap on the corpus size (files taken in sorted order)
   tokenizer: str = "byte"              # 'byte', a tokenizer.json, or a directory holding one
   seq_len: int = 256                   # tokens per training sequence
@@ -311,10 +312,22 @@ def build_model(tc: TrainConfig, cfg: DeepseekConfig, dtype, echo):
             if v is not None}
     return from_pretrained(path, dtype=dtype, param_dtype=jnp.float32, **over)
   echo(f"loading parameters from the trainer checkpoint in {path}")
+  return load_model(path, cfg, dtype=dtype)
+
+
+def load_model(workdir: str, cfg: DeepseekConfig | None = None, *, dtype=jnp.float32):
+  """The model of a trainer workdir's latest checkpoint (float32 parameters, `dtype` compute).
+
+  `cfg` defaults to the saved config; a given one must describe the same parameter shapes.
+  """
+  from deepseek_jax.model import DeepseekForCausalLM
+  ckpt = Checkpointer(_checkpoint_dir(workdir), 1, create=False)
+  cfg = cfg or ckpt.saved_config()
   model = nnx.eval_shape(lambda: DeepseekForCausalLM(cfg, dtype=dtype, param_dtype=jnp.float32,
                                                      rngs=nnx.Rngs(0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  params, rest = Checkpointer(_checkpoint_dir(path), 1, create=False).restore_model(params, rest)
+  params, rest = ckpt.restore_model(params, rest)
+  ckpt.close()
   return nnx.merge(graphdef, params, rest)
 
 
@@ -359,10 +372,17 @@ class Checkpointer:
   def restore_model(self, params, rest):
     """Parameters and router biases only (for --init_from), shaped like the given abstract states."""
     ocp = self._ocp
-    to_struct = lambda t: jax.tree.map(ocp.utils.to_shape_dtype_struct, t)
-    target = {"params": to_struct(params), "rest": to_struct(rest)}
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def struct(x):
+      s = ocp.utils.to_shape_dtype_struct(x)
+      return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=getattr(s, "sharding", None) or one)
+
+    target = {"params": jax.tree.map(struct, params), "rest": jax.tree.map(struct, rest)}
     out = self.mgr.restore(self.mgr.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(target, partial_restore=True)))["state"]
+        state=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True)))["state"]
     return out["params"], out["rest"]
 
   def wait(self) -> None:
@@ -419,7 +439,8 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
     raise ValueError(f"--tokenizer={tc.tokenizer}: vocab_size {tokenizer.vocab_size} exceeds the "
                      f"model's vocab_size {cfg.vocab_size}")
   dataset = data_lib.make_dataset(tc.data, tokenizer, tc.seq_len, os.path.join(workdir, "data"),
-                                  patterns=tc.data_patterns, max_bytes=tc.max_data_bytes, log=echo)
+                                  patterns=tc.data_patterns, exclude=tc.data_exclude,
+                                  max_bytes=tc.max_data_bytes, log=echo)
   it = data_lib.DataIterator(dataset, tc.batch_size, tc.seed)
 
   tx = optim.make_optimizer(tc.optim_config())

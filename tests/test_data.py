@@ -30,6 +30,11 @@ def test_list_files_recursive_sorted_and_capped(corpus):
   both = data.list_files(f"{corpus / 'pkg' / 'skip.bin'},{corpus / 'a.py'}")
   assert len(both) == 2
   assert len(data.list_files(str(corpus), max_bytes=1)) == 1
+  assert [os.path.relpath(f, corpus) for f in data.list_files(str(corpus), exclude=("sub",))] == [
+      "a.py", "pkg/b.md"]
+  (corpus / "__pycache__").mkdir()
+  (corpus / "__pycache__" / "x.py").write_text("cached")
+  assert len(data.list_files(str(corpus))) == 3  # __pycache__ is skipped by default
 
 
 def test_token_file_contents_and_cache(corpus, tmp_path):
