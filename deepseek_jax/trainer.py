@@ -374,9 +374,8 @@ class Checkpointer:
     ocp = self._ocp
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
-    def struct(x):
-      s = ocp.utils.to_shape_dtype_struct(x)
-      return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=getattr(s, "sharding", None) or one)
+    def struct(x):  # onto one device; the trainer places the state on its mesh afterwards
+      return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one)
 
     target = {"params": jax.tree.map(struct, params), "rest": jax.tree.map(struct, rest)}
     out = self.mgr.restore(self.mgr.latest_step(), args=ocp.args.Composite(
