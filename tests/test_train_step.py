@@ -115,3 +115,31 @@ def test_update_router_biases_maps_stacked_layers_then_mtp():
   np.testing.assert_array_equal(new["other"], 1.0)
   with pytest.raises(ValueError, match="3 biases for 2 routers"):
     trainer.update_router_biases(rest, counts[:2], 0.1)
+
+
+@pytest.fixture(scope="module")
+def baseline_step():
+  cfg = get_preset("tiny_v3", moe_dispatch="dense")
+  tc = trainer.TrainConfig(learning_rate=1e-2, warmup_steps=0)
+  step, state = _setup(cfg, tc)
+  state, logs = step(state, jnp.asarray(_tokens(2)[None]))
+  return cfg, tc, jax.device_get(logs), jax.tree.map(np.asarray, state["params"])
+
+
+@pytest.mark.parametrize("variant", ["remat", "bfloat16"])
+def test_remat_and_bf16_compute_follow_the_float32_step(baseline_step, variant):
+  cfg, tc, logs0, params0 = baseline_step
+  dtype = jnp.bfloat16 if variant == "bfloat16" else jnp.float32
+  model = DeepseekForCausalLM(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  model.remat = variant == "remat"
+  step, state = _setup(cfg, tc, model=model)
+  state, logs = step(state, jnp.asarray(_tokens(2)[None]))
+  leaves = jax.tree.leaves(state["params"])
+  assert all(l.dtype == jnp.float32 for l in leaves)  # float32 master weights either way
+  if variant == "remat":  # the same computation, recomputed: equal up to float reassociation
+    np.testing.assert_allclose(logs["loss"], logs0["loss"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 jax.tree.map(np.asarray, state["params"]), params0)
+  else:
+    np.testing.assert_allclose(logs["loss"], logs0["loss"], rtol=2e-2)
+    assert np.isfinite(float(logs["grad_norm"]))
