@@ -13,7 +13,6 @@ checkpoint and, on CPU, reproduces the uninterrupted run bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
