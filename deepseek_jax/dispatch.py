@@ -109,11 +109,27 @@ def _tiled_bwd(res, g):
 tiled_gmm.defvjp(_tiled_fwd, _tiled_bwd)
 
 
+def _gathered(x, topk_idx, topk_weight, w_gate, w_up, w_down):
+  """Each token copy with its own expert's weights indexed: for a handful of copies (decoding),
+  reads only the chosen experts instead of a tile per expert."""
+  h = (jax.nn.silu(jnp.einsum("nd,nkdi->nki", x, w_gate[topk_idx]))
+       * jnp.einsum("nd,nkdi->nki", x, w_up[topk_idx]))
+  y = jnp.einsum("nki,nkid->nkd", h, w_down[topk_idx])
+  return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), topk_weight.astype(jnp.float32)).astype(x.dtype)
+
+
+# Up to this many token copies, `blocked` indexes each copy's expert weights directly.
+GATHER_MAX_COPIES = 16
+
+
 def _blocked(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
   n, k = topk_idx.shape
   e, d = w_gate.shape[0], x.shape[-1]
   m = n * k
-  tile = max(8, min(tile, _round_up(m, 8)))
+  if m <= GATHER_MAX_COPIES:
+    return _gathered(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+  # A tile near one expert's average group: less padding when there are few copies per expert.
+  tile = max(8, min(tile, _round_up(-(-m // e), 8)))
   num_tiles = -(-(m + e * (tile - 1)) // tile)  # static bound on the padded row count
   order, group_sizes = sort_by_expert(topk_idx, e)
   padded = -(-group_sizes // tile) * tile  # [E]
