@@ -81,10 +81,10 @@ def _failure_reason(log_path: str) -> str:
   except OSError:
     return "no log"
   errs = [l for l in lines if l.startswith("ERROR") or "error:" in l.lower()]
-  return "\n".join((errs or lines)[-12:])
+  return "\n".join(l[:300] for l in (errs or lines)[-12:])
 
 
-def ensure_env(name: str, *, timeout_s: float = 900) -> dict:
+def ensure_env(name: str, *, timeout_s: float = 600) -> dict:
   """Creates (or reuses) the venv of peer `name`.
 
   Returns {"name", "ok", "python", "reused", "install_s", "log", "spec", "error"?}: `ok` False
@@ -95,7 +95,7 @@ def ensure_env(name: str, *, timeout_s: float = 900) -> dict:
   root = os.path.join(PEERS_DIR, name)
   log = os.path.join(PEERS_DIR, f"{name}.install.log")
   failed = os.path.join(PEERS_DIR, f"{name}.failed.json")
-  want = dataclasses.asdict(spec)
+  want = json.loads(json.dumps(dataclasses.asdict(spec)))  # as the stamp reads back (lists)
   out = {"name": name, "python": None, "reused": False, "install_s": 0.0, "log": log,
          "spec": " ".join(spec.packages)}
   if os.path.exists(_stamp_path(name)) and os.path.exists(env_python(name)):
