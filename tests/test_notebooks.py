@@ -1,0 +1,130 @@
+"""The colab/ notebooks run top to bottom on the CPU with tiny parameters (papermill style).
+
+Each notebook is executed with nbclient in a kernel started from this interpreter (a kernelspec
+written to a temporary directory, so no user-installed kernel is needed or used), with the cell
+tagged `parameters` followed by an injected cell of tiny CI values; any cell error fails the
+test. The checks on the committed files (outputs cleared, one parameters cell, an install cell
+first, no machine-specific paths) keep the notebooks fit for Colab.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import sys
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+pytest.importorskip("ipykernel")
+pytest.importorskip("matplotlib")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+COLAB = ROOT / "colab"
+NOTEBOOKS = sorted(p.name for p in COLAB.glob("*.ipynb"))
+KERNEL = "deepseek-jax-test"
+CELL_TIMEOUT_S = 240
+
+# Tiny values injected after each notebook's parameters cell; {tmp} is the test's directory and
+# {hf_dir} the locally generated checkpoint. Every notebook must have an entry here.
+CI_PARAMS = {
+    "01_quickstart.ipynb": dict(
+        steps=4, seq_len=32, batch_per_device=2, corpus_mb=0.05, hidden_size=32, num_layers=2,
+        new_tokens=8, workdir="{tmp}/quickstart"),
+}
+# Simulated CPU devices per notebook (XLA's host platform device count).
+CPU_DEVICES = {}
+
+
+def _kernel_manager(tmp_path: pathlib.Path, devices: int):
+  """A kernel manager whose only kernelspec runs ipykernel on this interpreter, on the CPU."""
+  from jupyter_client.kernelspec import KernelSpecManager
+  from jupyter_client.manager import AsyncKernelManager
+
+  spec_dir = tmp_path / "kernels" / KERNEL
+  spec_dir.mkdir(parents=True)
+  flags = os.environ.get("XLA_FLAGS", "")
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
+  # The repository first on the path: the package is importable (so the install cell skips)
+  # whether or not it is pip-installed, and `python -m convert...` from a cell finds it too.
+  path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+  env = {"PYTHONPATH": path, "JAX_PLATFORMS": "cpu", "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
+  (spec_dir / "kernel.json").write_text(json.dumps({
+      "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+      "display_name": "deepseek-jax test", "language": "python", "env": env}))
+  ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
+  return AsyncKernelManager(kernel_name=KERNEL, kernel_spec_manager=ksm)
+
+
+def _inject(nb, params: dict) -> None:
+  """Inserts a cell assigning `params` right after the cell tagged `parameters`."""
+  idx = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+  assert len(idx) == 1, "expected exactly one cell tagged 'parameters'"
+  src = "\n".join(f"{k} = {v!r}" for k, v in params.items())
+  cell = nbformat.v4.new_code_cell(src)
+  cell.metadata["tags"] = ["injected-parameters"]
+  nb.cells.insert(idx[0] + 1, cell)
+
+
+def _outputs(nb) -> list[dict]:
+  return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+
+
+def _text(nb) -> str:
+  out = []
+  for o in _outputs(nb):
+    if o.get("output_type") == "stream":
+      out.append(o.get("text", ""))
+    elif "data" in o and "text/plain" in o["data"]:
+      out.append(o["data"]["text/plain"])
+  return "".join(out)
+
+
+def test_every_notebook_has_ci_parameters():
+  assert NOTEBOOKS, f"no notebooks in {COLAB}"
+  assert set(NOTEBOOKS) == set(CI_PARAMS), "register each notebook's tiny parameters in CI_PARAMS"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_clean_for_colab(name):
+  """Outputs cleared, install cell first, one parameters cell, every code cell explained, and no
+  path of one machine."""
+  nb = nbformat.read(COLAB / name, as_version=4)
+  nbformat.validate(nb)
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  for c in code:
+    assert not c.outputs and c.execution_count is None, f"{name}: outputs not cleared"
+  assert "find_spec(\"deepseek_jax\")" in code[0].source and "pip" in code[0].source, (
+      f"{name}: the first code cell must install deepseek-jax when it is not importable")
+  tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+  assert len(tagged) == 1 and tagged[0].cell_type == "code", f"{name}: one parameters cell"
+  for prev, cell in zip(nb.cells, nb.cells[1:]):
+    if cell.cell_type == "code" and cell is not code[0]:
+      assert prev.cell_type == "markdown", f"{name}: a code cell without a sentence before it"
+  for c in nb.cells:
+    assert not re.search(r"(/work/|/home/|/Users/|/tmp/|[A-Z]:\\\\)", c.source), (
+        f"{name}: machine-specific path in {c.source[:80]!r}")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_on_cpu(name, tmp_path):
+  nb = nbformat.read(COLAB / name, as_version=4)
+  params = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v
+            for k, v in CI_PARAMS[name].items()}
+  _inject(nb, params)
+  km = _kernel_manager(tmp_path, CPU_DEVICES.get(name, 1))
+  client = nbclient.NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, startup_timeout=60,
+                                   resources={"metadata": {"path": str(tmp_path)}})
+  client.execute()  # raises CellExecutionError naming the cell on any error
+  errors = [o for o in _outputs(nb) if o.get("output_type") == "error"]
+  assert not errors, errors
+  text = _text(nb)
+  if name.startswith("01_"):
+    assert "backend: cpu" in text
+    assert any("image/png" in o.get("data", {}) for o in _outputs(nb)), "no loss plot"
+    assert os.path.isfile(tmp_path / "quickstart" / "metrics.jsonl")
+    assert "def fibonacci(n):" in text
