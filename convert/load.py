@@ -1,0 +1,291 @@
+"""Streaming load of a released-layout safetensors checkpoint into (sharded) jax arrays.
+
+Each parameter is built with `jax.make_array_from_callback`: the callback reads only the piece of
+the released tensor(s) that one device's shard needs (row-range slice reads; for stacked experts,
+only that shard's experts, one expert at a time), dequantizes FP8 blocks on the way, and hands the
+piece over in the released [out, in] layout. A jitted transpose-and-cast then produces our [in, out]
+layout with the target sharding. No host ever holds a whole stacked expert tensor or the whole
+model: host memory stays within about one tensor (see `peak_host_bytes`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from typing import Any, Callable, Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from convert import fp8, names
+from convert.safetensors_io import SafetensorsDir, TensorInfo
+from deepseek_jax.config import DeepseekConfig
+
+log = logging.getLogger(__name__)
+
+Shardings = Mapping[str, jax.sharding.Sharding] | Callable[[str], jax.sharding.Sharding] | None
+Progress = Callable[[str, int], None]     # (our parameter path, bytes read for it)
+_FLOATS = ("F64", "F32", "F16", "BF16")
+
+
+def _perm(transform: str) -> tuple[int, ...] | None:
+  """Axis permutation from the released layout (stacked experts: [E, out, in]) to ours."""
+  return {names.COPY: None, names.TRANSPOSE: (1, 0), names.EXPERTS: (0, 2, 1)}[transform]
+
+
+def _hf_layout_shape(entry: names.Entry) -> tuple[int, ...]:
+  if entry.transform == names.EXPERTS:
+    return (len(entry.hf),) + entry.hf_shape()
+  return entry.hf_shape()
+
+
+def _permuted_sharding(sharding: jax.sharding.Sharding, perm, ndim: int):
+  """The sharding of the released-layout array whose transpose by `perm` has `sharding`."""
+  if perm is None or isinstance(sharding, jax.sharding.SingleDeviceSharding):
+    return sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    inv = [0] * ndim
+    for ours_axis, hf_axis in enumerate(perm):
+      inv[hf_axis] = ours_axis
+    return jax.sharding.NamedSharding(sharding.mesh,
+                                      jax.sharding.PartitionSpec(*(spec[a] for a in inv)))
+  return None  # other shardings: transpose on the host inside the callback
+
+
+@functools.lru_cache(maxsize=None)
+def _relayout(perm, dtype, sharding):
+  """jit: released layout -> ours (transpose, cast) placed with `sharding`."""
+  def f(x):
+    x = x if perm is None else jnp.transpose(x, perm)
+    return x.astype(dtype)
+  return jax.jit(f, out_shardings=sharding)
+
+
+class HFCheckpoint:
+  """A released-layout directory opened for reading, validated against its config up front.
+
+  `config` defaults to the directory's `config.json`. When the config names MTP layers that the
+  checkpoint does not hold, the config drops them (one warning), as `from_pretrained` does.
+  """
+
+  def __init__(self, path: str | os.PathLike, config: DeepseekConfig | None = None):
+    self.path = os.fspath(path)
+    if not os.path.isdir(self.path):
+      raise FileNotFoundError(f"{self.path}: not a directory")
+    cfg_path = os.path.join(self.path, "config.json")
+    cfg = config if config is not None else DeepseekConfig.from_hf(self.path)
+    raw = {}
+    if os.path.isfile(cfg_path):
+      try:
+        with open(cfg_path, encoding="utf-8") as f:
+          raw = json.load(f)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+    self.block = fp8.block_size(raw if isinstance(raw, dict) else {}) or fp8.DEFAULT_BLOCK
+    self.files = SafetensorsDir(self.path)
+    try:
+      if cfg.num_nextn_predict_layers and not any(names.is_mtp_name(cfg, n)
+                                                  for n in self.files.keys()):
+        log.warning("%s: config has num_nextn_predict_layers=%d but the checkpoint holds no MTP "
+                    "tensors; loading without MTP", self.path, cfg.num_nextn_predict_layers)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+      self.cfg = cfg.replace(scan_layers=False)
+      self.entries = names.entries(self.cfg)
+      self._validate()
+    except BaseException:
+      self.files.close()
+      raise
+
+  # ------------------------------------------------------------------ validation
+  def _check(self, name: str, shape: tuple[int, ...], what: str) -> TensorInfo:
+    if name not in self.files:
+      raise KeyError(f"{self.path}: tensor {name!r} ({what}) is missing")
+    t = self.files.info(name)
+    if t.shape != tuple(shape):
+      raise ValueError(f"{t.file}: tensor {name!r} has shape {t.shape}, expected {tuple(shape)} "
+                       f"({what})")
+    if t.dtype == "F8_E4M3":
+      if len(shape) != 2:
+        raise ValueError(f"{t.file}: tensor {name!r} is F8_E4M3 but not 2-D ({what})")
+      s_name = fp8.scale_name(name)
+      if s_name not in self.files:
+        raise KeyError(f"{t.file}: tensor {name!r} is F8_E4M3 but its block scale {s_name!r} is "
+                       "missing")
+      s = self.files.info(s_name)
+      want = fp8.scale_shape(shape, self.block)
+      if s.shape != want or s.dtype not in _FLOATS:
+        raise ValueError(f"{s.file}: tensor {s_name!r} is {s.dtype}{s.shape}, expected a float "
+                         f"scale of shape {want} for {self.block} blocks")
+    elif t.dtype not in _FLOATS:
+      raise ValueError(f"{t.file}: tensor {name!r} has dtype {t.dtype}, expected a float dtype "
+                       f"({', '.join(_FLOATS)} or F8_E4M3 with a scale) ({what})")
+    return t
+
+  def _validate(self) -> None:
+    used = set()
+    for e in self.entries:
+      for n in e.hf:
+        self._check(n, e.hf_shape(), f"for {e.ours}")
+        used.add(n)
+        if self.files.info(n).dtype == "F8_E4M3":
+          used.add(fp8.scale_name(n))
+    for e in names.mtp_copies(self.cfg):  # copies of shared tensors: must be there, not read
+      self._check(e.hf[0], e.hf_shape(), f"MTP copy of {e.ours}")
+      used.add(e.hf[0])
+    unused = sorted(set(self.files.keys()) - used)
+    if unused:
+      log.warning("%s: %d tensors the config does not use are ignored (first: %s)", self.path,
+                  len(unused), ", ".join(unused[:4]))
+
+  # ------------------------------------------------------------------ sizes
+  def source_bytes(self, entry: names.Entry) -> int:
+    """Bytes of the released tensors (scales included) an entry reads."""
+    n = 0
+    for name in entry.hf:
+      t = self.files.info(name)
+      n += t.nbytes
+      if t.dtype == "F8_E4M3":
+        n += self.files.info(fp8.scale_name(name)).nbytes
+    return n
+
+  def is_fp8(self, entry: names.Entry) -> bool:
+    return self.files.info(entry.hf[0]).dtype == "F8_E4M3"
+
+  # ------------------------------------------------------------------ reading pieces
+  def _read_one(self, name: str, index: tuple[slice, ...], keep_fp8: bool) -> np.ndarray:
+    """A block of one released tensor (its layout), FP8 dequantized to float32 unless kept."""
+    t = self.files.info(name)
+    block = self.files.read(name, index)
+    if t.dtype != "F8_E4M3" or keep_fp8:
+      return block
+    scale = self.files.read(fp8.scale_name(name))
+    rows, cols = index
+    return fp8.dequantize(block, scale, self.block, rows=(rows.start, rows.stop),
+                          cols=(cols.start, cols.stop))
+
+  def read_block(self, entry: names.Entry, hf_index: tuple[slice, ...], *,
+                 keep_fp8: bool = False) -> np.ndarray:
+    """`hf_index` of the entry's released-layout array (experts stacked [E, out, in])."""
+    shape = _hf_layout_shape(entry)
+    idx = tuple(slice(*s.indices(n)[:2]) for s, n in zip(hf_index, shape))
+    idx += tuple(slice(0, n) for n in shape[len(idx):])
+    if entry.transform != names.EXPERTS:
+      return self._read_one(entry.hf[0], idx, keep_fp8)
+    e0, e1 = idx[0].start, idx[0].stop
+    first = self._read_one(entry.hf[e0], idx[1:], keep_fp8) if e1 > e0 else None
+    out = np.empty((e1 - e0,) + tuple(s.stop - s.start for s in idx[1:]),
+                   first.dtype if first is not None else np.float32)
+    for e in range(e0, e1):  # one expert in memory at a time beside the output
+      out[e - e0] = first if e == e0 else self._read_one(entry.hf[e], idx[1:], keep_fp8)
+    return out
+
+  def read_scales(self, entry: names.Entry) -> np.ndarray:
+    """The entry's FP8 block scales in our layout (experts: [E, in_blocks, out_blocks])."""
+    scales = [self.files.read(fp8.scale_name(n)).astype(np.float32) for n in entry.hf]
+    if entry.transform == names.EXPERTS:
+      return np.stack([s.T for s in scales])
+    return scales[0].T if entry.transform == names.TRANSPOSE else scales[0]
+
+  # ------------------------------------------------------------------ arrays
+  def load(self, entry: names.Entry, sharding: jax.sharding.Sharding, dtype=jnp.bfloat16, *,
+           keep_fp8: bool = False) -> jax.Array:
+    """Our parameter `entry.ours` as a jax array with `sharding` (FP8 kept as float8 if asked)."""
+    perm = _perm(entry.transform)
+    hf_shape = _hf_layout_shape(entry)
+    target = jnp.float32 if entry.ours.endswith("e_score_correction_bias") else dtype
+    keep = keep_fp8 and self.is_fp8(entry)
+    if keep:
+      target = jnp.float8_e4m3fn
+    hf_sharding = _permuted_sharding(sharding, perm, len(hf_shape))
+    if hf_sharding is None:  # host transpose and cast, straight into the target sharding
+      def cb_host(index):
+        hf_index = tuple(index[a] for a in np.argsort(perm)) if perm else index
+        block = self.read_block(entry, hf_index, keep_fp8=keep)
+        block = block if perm is None else np.transpose(block, perm)
+        return np.ascontiguousarray(block.astype(np.dtype(target)))
+      return jax.make_array_from_callback(entry.shape, sharding, cb_host)
+
+    def cb(index):
+      return self.read_block(entry, index, keep_fp8=keep)
+    raw = jax.make_array_from_callback(hf_shape, hf_sharding, cb)
+    if perm is None and raw.dtype == np.dtype(target):
+      return raw
+    out = _relayout(perm, np.dtype(target), sharding)(raw)
+    raw.delete()
+    return out
+
+  def close(self) -> None:
+    self.files.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def resolve_sharding(shardings: Shardings, mesh, path: str) -> jax.sharding.Sharding:
+  """`shardings[path]` / `shardings(path)`; else replicated over `mesh`; else the first device."""
+  if shardings is not None:
+    s = shardings(path) if callable(shardings) else shardings.get(path)
+    if s is not None:
+      return s
+    if not callable(shardings):
+      raise KeyError(f"shardings has no entry for parameter {path!r}")
+  if mesh is not None:
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def iter_hf(ckpt: HFCheckpoint, *, mesh=None, dtype=jnp.bfloat16, shardings: Shardings = None,
+            keep_fp8: bool = False, progress: Progress | None = None
+            ) -> Iterator[tuple[str, jax.Array]]:
+  """(path, array) per parameter in table order; FP8 kept adds `<path>_scale_inv` (our layout)."""
+  for entry in ckpt.entries:
+    sharding = resolve_sharding(shardings, mesh, entry.ours)
+    yield entry.ours, ckpt.load(entry, sharding, dtype, keep_fp8=keep_fp8)
+    if keep_fp8 and ckpt.is_fp8(entry):
+      yield entry.ours + fp8.SCALE_SUFFIX, jax.device_put(ckpt.read_scales(entry),
+                                                          _replicated_like(sharding))
+    if progress is not None:
+      progress(entry.ours, ckpt.source_bytes(entry))
+
+
+def _replicated_like(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+    return sharding
+  return jax.sharding.SingleDeviceSharding(min(sharding.device_set, key=lambda d: d.id))
+
+
+def load_hf(path: str | os.PathLike, config: DeepseekConfig | None = None, *, mesh=None,
+            dtype=jnp.bfloat16, shardings: Shardings = None, keep_fp8: bool = False,
+            progress: Progress | None = None) -> tuple[DeepseekConfig, dict[str, jax.Array]]:
+  """(config, {our dotted path: jax.Array}) of a released-layout checkpoint directory.
+
+  Args:
+    path: directory with `config.json` and `model.safetensors` or shards plus
+      `model.safetensors.index.json`.
+    config: overrides the directory's `config.json`.
+    mesh: without `shardings`, parameters are replicated over this mesh (else one device).
+    dtype: parameter dtype (the router's `e_score_correction_bias` stays float32).
+    shardings: a dict or callable: our parameter path -> `jax.sharding.Sharding`.
+    keep_fp8: FP8 weights stay float8_e4m3fn (our layout) with `<path>_scale_inv` float32 block
+      scales beside them ([in_blocks, out_blocks], experts [E, in_blocks, out_blocks]).
+    progress: called after each parameter with (path, bytes read).
+
+  The returned config has `num_nextn_predict_layers=0` when the checkpoint holds no MTP tensors.
+  """
+  with HFCheckpoint(path, config) as ckpt:
+    flat = dict(iter_hf(ckpt, mesh=mesh, dtype=dtype, shardings=shardings, keep_fp8=keep_fp8,
+                        progress=progress))
+    return ckpt.cfg, flat
+
+
+def to_numpy(flat: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  return {k: np.asarray(v) for k, v in flat.items()}
