@@ -1,1 +1,17 @@
-"""sharding package."""
+"""Sharding over device meshes: data, FSDP, expert and tensor parallelism, multi-host start-up,
+and memory plans.
+
+  mesh = sharding.make_mesh(fsdp=2, expert=4)            # axes data, fsdp, expert, tensor
+  model = sharding.create_sharded(cfg, mesh)             # created in its shards
+  model = sharding.shard_model(model, mesh)              # or an existing model placed by the rules
+  sharding.plan(cfg, {"fsdp": 64, "expert": 4}, batch=256, seq_len=4096).fits("v5p")
+"""
+
+from sharding.mesh import AXES, initialize, make_mesh, parse_mesh
+from sharding.rules import (DEFAULT_RULES, PARAM_AXES, batch_spec, logical_axes, param_shardings,
+                            parse_rules, spec_for)
+from sharding.shard import create_sharded, model_shardings, shard_flat, shard_model
+
+__all__ = ["AXES", "DEFAULT_RULES", "PARAM_AXES", "batch_spec", "create_sharded", "initialize",
+           "logical_axes", "make_mesh", "model_shardings", "param_shardings", "parse_mesh",
+           "parse_rules", "shard_flat", "shard_model", "spec_for"]
