@@ -156,31 +156,37 @@ class HFCheckpoint:
     return self.files.info(entry.hf[0]).dtype == "F8_E4M3"
 
   # ------------------------------------------------------------------ reading pieces
-  def _read_one(self, name: str, index: tuple[slice, ...], keep_fp8: bool) -> np.ndarray:
-    """A block of one released tensor (its layout), FP8 dequantized to float32 unless kept."""
+  def _read_one(self, name: str, index: tuple[slice, ...], keep_fp8: bool,
+                out_dtype=None) -> np.ndarray:
+    """A block of one released tensor (its layout), FP8 dequantized unless kept, then cast to
+    `out_dtype` when given."""
     t = self.files.info(name)
     block = self.files.read(name, index)
-    if t.dtype != "F8_E4M3" or keep_fp8:
-      return block
-    scale = self.files.read(fp8.scale_name(name))
-    rows, cols = index
-    return fp8.dequantize(block, scale, self.block, rows=(rows.start, rows.stop),
-                          cols=(cols.start, cols.stop))
+    if t.dtype == "F8_E4M3" and not keep_fp8:
+      scale = self.files.read(fp8.scale_name(name))
+      rows, cols = index
+      block = fp8.dequantize(block, scale, self.block, rows=(rows.start, rows.stop),
+                             cols=(cols.start, cols.stop))
+    return block if out_dtype is None else block.astype(out_dtype, copy=False)
 
   def read_block(self, entry: names.Entry, hf_index: tuple[slice, ...], *,
-                 keep_fp8: bool = False) -> np.ndarray:
-    """`hf_index` of the entry's released-layout array (experts stacked [E, out, in])."""
+                 keep_fp8: bool = False, out_dtype=None) -> np.ndarray:
+    """`hf_index` of the entry's released-layout array (experts stacked [E, out, in]), in
+    `out_dtype` (default: as stored, FP8 dequantized to float32 unless kept).
+
+    Stacked experts are read and cast one at a time into the result, so the host holds the
+    result plus one expert."""
     shape = _hf_layout_shape(entry)
     idx = tuple(slice(*s.indices(n)[:2]) for s, n in zip(hf_index, shape))
     idx += tuple(slice(0, n) for n in shape[len(idx):])
     if entry.transform != names.EXPERTS:
-      return self._read_one(entry.hf[0], idx, keep_fp8)
+      return self._read_one(entry.hf[0], idx, keep_fp8, out_dtype)
     e0, e1 = idx[0].start, idx[0].stop
-    first = self._read_one(entry.hf[e0], idx[1:], keep_fp8) if e1 > e0 else None
+    first = self._read_one(entry.hf[e0], idx[1:], keep_fp8, out_dtype) if e1 > e0 else None
     out = np.empty((e1 - e0,) + tuple(s.stop - s.start for s in idx[1:]),
-                   first.dtype if first is not None else np.float32)
+                   first.dtype if first is not None else (out_dtype or np.float32))
     for e in range(e0, e1):  # one expert in memory at a time beside the output
-      out[e - e0] = first if e == e0 else self._read_one(entry.hf[e], idx[1:], keep_fp8)
+      out[e - e0] = first if e == e0 else self._read_one(entry.hf[e], idx[1:], keep_fp8, out_dtype)
     return out
 
   def read_scales(self, entry: names.Entry) -> np.ndarray:
@@ -204,13 +210,17 @@ class HFCheckpoint:
     if hf_sharding is None:  # host transpose and cast, straight into the target sharding
       def cb_host(index):
         hf_index = tuple(index[a] for a in np.argsort(perm)) if perm else index
-        block = self.read_block(entry, hf_index, keep_fp8=keep)
+        block = self.read_block(entry, hf_index, keep_fp8=keep, out_dtype=np.dtype(target))
         block = block if perm is None else np.transpose(block, perm)
         return np.ascontiguousarray(block.astype(np.dtype(target)))
       return jax.make_array_from_callback(entry.shape, sharding, cb_host)
 
+    # FP8 and stacked experts are cast piece by piece on the host: the staged released-layout
+    # copy is then no larger than the result.
+    staged = np.dtype(target) if (entry.transform == names.EXPERTS or self.is_fp8(entry)) else None
+
     def cb(index):
-      return self.read_block(entry, index, keep_fp8=keep)
+      return self.read_block(entry, index, keep_fp8=keep, out_dtype=staged)
     raw = jax.make_array_from_callback(hf_shape, hf_sharding, cb)
     if perm is None and raw.dtype == np.dtype(target):
       return raw

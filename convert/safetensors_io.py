@@ -267,7 +267,10 @@ class SafetensorsFile:
 
   def __del__(self):
     if getattr(self, "_fd", -1) >= 0:
-      self.close()
+      try:
+        self.close()
+      except Exception:  # at interpreter exit `os` may already be gone
+        pass
 
 
 class SafetensorsDir:

@@ -1,0 +1,136 @@
+"""The conversion plan of a config: every tensor on both sides, total bytes, host memory needed.
+
+Nothing is read but `config.json`: the plan for DeepSeek-V3 (671B parameters) takes seconds.
+Released dtypes follow the config: with `quantization_config` (fp8 blocks) the decoder's projection
+weights are F8_E4M3 with F32 `weight_scale_inv`; the router's correction bias is F32; the rest
+is the config's `torch_dtype` (BF16 by default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from convert import fp8, names
+from convert.progress import human_bytes
+from convert.safetensors_io import DTYPES
+from deepseek_jax.config import DeepseekConfig
+
+_TORCH = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+_OURS = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  hf_name: str
+  hf_shape: tuple[int, ...]
+  hf_dtype: str                 # safetensors dtype name
+  ours: str                     # our parameter path ("" for MTP copies and FP8 scales)
+  our_shape: tuple[int, ...]
+  our_dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  cfg: DeepseekConfig
+  rows: list[Row]
+  params: int                   # our parameters (MTP included when the config has it)
+  hf_bytes: int                 # the released files' tensor bytes
+  our_bytes: int
+  host_to_orbax: int            # host memory hf_to_orbax needs beyond the interpreter
+  host_to_hf: int               # host memory orbax_to_hf needs
+
+
+def _raw_config(config: str | os.PathLike | Mapping[str, Any] | DeepseekConfig) -> dict:
+  if isinstance(config, DeepseekConfig):
+    return config.to_hf()
+  if isinstance(config, Mapping):
+    return dict(config)
+  p = os.fspath(config)
+  p = os.path.join(p, "config.json") if os.path.isdir(p) else p
+  if not os.path.isfile(p):
+    raise FileNotFoundError(f"{p}: no config.json there")
+  try:
+    with open(p, encoding="utf-8") as f:
+      raw = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{p}: not valid JSON ({e})") from e
+  if not isinstance(raw, dict):
+    raise ValueError(f"{p}: expected a JSON object")
+  return raw
+
+
+def make_plan(config: str | os.PathLike | Mapping[str, Any] | DeepseekConfig, *,
+              dtype: str = "bfloat16") -> Plan:
+  """The plan for converting a checkpoint of `config` (a path, dict or DeepseekConfig)."""
+  if dtype not in _OURS:
+    raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_OURS)}")
+  raw = _raw_config(config)
+  cfg = config if isinstance(config, DeepseekConfig) else DeepseekConfig.from_hf(raw)
+  cfg = cfg.replace(scan_layers=False)
+  block = fp8.block_size(raw)
+  default = _TORCH.get(str(raw.get("torch_dtype", raw.get("dtype", "bfloat16"))), "BF16")
+  rows: list[Row] = []
+  params = hf_bytes = our_bytes = 0
+  largest_ours = host_stage = host_hf = 0
+  our_size = _OURS[dtype]
+  for e in names.entries(cfg) + (names.mtp_copies(cfg) if cfg.num_nextn_predict_layers else []):
+    copy = e.ours in ("embed_tokens.embedding", "lm_head.kernel") and names.is_mtp_name(cfg, e.hf[0])
+    bias = e.ours.endswith("e_score_correction_bias")
+    our_dtype = "float32" if bias else dtype
+    n = math.prod(e.shape)
+    if not copy:
+      params += n
+      our_bytes += n * (4 if bias else our_size)
+      largest_ours = max(largest_ours, n * (4 if bias else our_size))
+    staged_size = 0
+    for name in e.hf:
+      shape = e.hf_shape()
+      quant = block is not None and fp8.is_quantized_name(name) and len(shape) == 2
+      hf_dtype = "F32" if bias else ("F8_E4M3" if quant else default)
+      rows.append(Row(name, shape, hf_dtype, "" if copy else e.ours, () if copy else e.shape,
+                      "" if copy else our_dtype))
+      hf_bytes += math.prod(shape) * DTYPES[hf_dtype].itemsize
+      if quant:
+        sshape = fp8.scale_shape(shape, block)
+        rows.append(Row(fp8.scale_name(name), sshape, "F32", "", (), ""))
+        hf_bytes += math.prod(sshape) * 4
+      # orbax_to_hf: one released tensor (FP8: float32 copy, padded blocks and the quotient).
+      host_hf = max(host_hf, math.prod(shape) * (DTYPES[hf_dtype].itemsize + (12 if quant else 0)))
+      staged_size = DTYPES[hf_dtype].itemsize if not quant else 4
+    if not copy:
+      # hf_to_orbax: the staged released-layout copy (experts and FP8 cast piece by piece to the
+      # target) plus the converted parameter.
+      staged = our_size if (e.transform == names.EXPERTS or staged_size == 4 and block) else staged_size
+      host_stage = max(host_stage, n * (staged + (4 if bias else our_size)))
+  host_to_hf = largest_ours + host_hf
+  # The group awaiting its Orbax save holds at most the largest parameter.
+  return Plan(cfg, rows, params, hf_bytes, our_bytes, largest_ours + host_stage, host_to_hf)
+
+
+def format_plan(plan: Plan) -> str:
+  lines = []
+  w = max(len(r.hf_name) for r in plan.rows)
+  lines.append(f"{'released tensor':<{w}}  {'shape':<16} {'dtype':<8}  {'ours':<44} "
+               f"{'shape':<20} dtype")
+  for r in plan.rows:
+    lines.append(f"{r.hf_name:<{w}}  {str(list(r.hf_shape)):<16} {r.hf_dtype:<8}  "
+                 f"{r.ours or '-':<44} {str(list(r.our_shape)) if r.ours else '-':<20} "
+                 f"{r.our_dtype or '-'}")
+  cfg = plan.cfg
+  main = cfg.num_params()
+  lines += [
+      "",
+      f"released tensors: {len(plan.rows)}   our parameters: {len({r.ours for r in plan.rows if r.ours})}",
+      f"parameters: {plan.params:,} ({plan.params / 1e9:.1f}B; {main / 1e9:.1f}B without MTP, "
+      f"{cfg.num_params(active=True) / 1e9:.1f}B active per token)",
+      f"released bytes: {human_bytes(plan.hf_bytes)}   ours: {human_bytes(plan.our_bytes)}",
+      f"host memory: hf_to_orbax {human_bytes(plan.host_to_orbax)}, orbax_to_hf "
+      f"{human_bytes(plan.host_to_hf)} (one tensor at a time; independent of the model size)",
+  ]
+  return "\n".join(lines)

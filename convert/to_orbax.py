@@ -1,0 +1,42 @@
+"""Released-layout safetensors (FP8 included) -> our Orbax checkpoint, one tensor at a time.
+
+  python -m convert.hf_to_orbax --hf_dir=DeepSeek-V3 --output_dir=v3_orbax [--dtype=bfloat16]
+
+Host memory stays within a few times the largest single parameter whatever the model size: each
+parameter is read (FP8 dequantized), converted, handed to an Orbax partial save with at most one
+parameter's worth of others, and released.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from convert.load import HFCheckpoint, iter_hf
+from convert.progress import ProgressBar
+from deepseek_jax import checkpoint
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+
+
+def convert(hf_dir: str | os.PathLike, output_dir: str | os.PathLike, *, dtype=jnp.bfloat16,
+            overwrite: bool = False, keep_fp8: bool = False, show_progress: bool = False) -> str:
+  """Writes our checkpoint of `hf_dir` to `output_dir` (atomically); returns its path.
+
+  Parameters are saved in groups of at most the largest parameter's size (target dtype).
+  """
+  with HFCheckpoint(hf_dir) as ckpt:
+    itemsize = np.dtype(dtype).itemsize
+    largest = max(math.prod(e.shape) * (4 if e.ours.endswith("correction_bias") else itemsize)
+                  for e in ckpt.entries)
+    total = sum(ckpt.source_bytes(e) for e in ckpt.entries)
+    bar = ProgressBar(len(ckpt.entries), total, enabled=show_progress)
+    params = iter_hf(ckpt, dtype=dtype, keep_fp8=keep_fp8,
+                     progress=lambda path, nbytes: bar.update(nbytes))
+    out = checkpoint.save_params(output_dir, ckpt.cfg, params, overwrite=overwrite,
+                                 group_bytes=largest)
+    bar.close()
+    return out
