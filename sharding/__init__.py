@@ -7,11 +7,13 @@ and memory plans.
   sharding.plan(cfg, {"fsdp": 64, "expert": 4}, batch=256, seq_len=4096).fits("v5p")
 """
 
+from sharding.expert_parallel import expert_parallel_moe
 from sharding.mesh import AXES, initialize, make_mesh, parse_mesh
 from sharding.rules import (DEFAULT_RULES, PARAM_AXES, batch_spec, logical_axes, param_shardings,
                             parse_rules, spec_for)
 from sharding.shard import create_sharded, model_shardings, shard_flat, shard_model
 
-__all__ = ["AXES", "DEFAULT_RULES", "PARAM_AXES", "batch_spec", "create_sharded", "initialize",
+__all__ = ["AXES", "DEFAULT_RULES", "PARAM_AXES", "batch_spec", "create_sharded", "expert_parallel_moe",
+           "initialize",
            "logical_axes", "make_mesh", "model_shardings", "param_shardings", "parse_mesh",
            "parse_rules", "shard_flat", "shard_model", "spec_for"]

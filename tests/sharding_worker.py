@@ -11,9 +11,21 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def run(*args: str, devices: int = 8, timeout: int = 240) -> list[dict]:
+  """Runs this worker with `devices` host CPU devices; its JSON lines (tests call this)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  out = subprocess.run([sys.executable, os.path.abspath(__file__), *args], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=timeout)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
 def _setup(cfg_overrides=None):
@@ -87,9 +99,62 @@ def models(meshes: list[dict]) -> None:
         flush=True)
 
 
+def ep() -> None:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import sharding
+  from deepseek_jax import dispatch
+  from sharding.expert_parallel import expert_parallel_moe
+
+  n, k, e, d, i = 64, 2, 8, 16, 8
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+  w = [jnp.asarray(rng.normal(size=s) * 0.3, jnp.float32) for s in ((e, d, i), (e, d, i), (e, i, d))]
+  weight = jnp.asarray(rng.uniform(size=(n, k)), jnp.float32)
+  routings = {
+      "random": jnp.asarray(np.argsort(rng.uniform(size=(n, e)), axis=1)[:, :k], jnp.int32),
+      "skewed": jnp.asarray(np.tile([0, 1], (n, 1)), jnp.int32),       # every copy on device 0
+      "balanced": jnp.asarray((np.arange(n * k) % e).reshape(n, k), jnp.int32),
+  }
+  def loss(f, x, ws):
+    return jnp.sum(f(x, ws) ** 2)
+
+  for sizes in ({"expert": 8}, {"data": 2, "expert": 4}, {"fsdp": 2, "expert": 2, "tensor": 2}):
+    mesh = sharding.make_mesh(**sizes)
+    names = ("layers.1.mlp.experts.gate_proj", "layers.1.mlp.experts.up_proj",
+             "layers.1.mlp.experts.down_proj")
+    ws = [jax.device_put(a, sharding.param_shardings({p: a}, mesh)[p]) for p, a in zip(names, w)]
+    for name, idx in routings.items():
+      dense = lambda x, ws: dispatch.moe_experts(x, idx, weight, *ws, method="dense")
+      ref = dense(x, w)
+      ref_g = jax.grad(lambda x, ws: loss(dense, x, ws), argnums=(0, 1))(x, w)
+      for cf in (None, 1.0):
+        f = lambda x, ws: expert_parallel_moe(x, idx, weight, *ws, mesh=mesh, capacity_factor=cf)
+        with jax.set_mesh(mesh):
+          out = jax.jit(f)(x, ws)
+          g = jax.jit(jax.grad(lambda x, ws: loss(f, x, ws), argnums=(0, 1)))(x, ws)
+        gerr = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)))
+        print(json.dumps({"mesh": sizes, "routing": name, "capacity_factor": cf,
+                          "err": float(np.max(np.abs(np.asarray(out) - np.asarray(ref)))),
+                          "grad_err": gerr,
+                          "grad_max": max(float(np.max(np.abs(a))) for a in jax.tree.leaves(ref_g)),
+                          "ref_max": float(np.max(np.abs(ref))),
+                          "finite": bool(np.all(np.isfinite(np.asarray(out))))}), flush=True)
+  try:
+    expert_parallel_moe(x, routings["random"], weight, *w, mesh=sharding.make_mesh(expert=8),
+                        capacity_factor=0.0)
+  except ValueError as err:
+    print(json.dumps({"error": str(err)}))
+
+
 if __name__ == "__main__":
   cmd = sys.argv[1]
   if cmd == "models":
     models(json.loads(sys.argv[2]))
+  elif cmd == "ep":
+    ep()
   else:
     raise SystemExit(f"unknown command {cmd!r}")

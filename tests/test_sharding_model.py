@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 
 import jax
 import pytest
+from sharding_worker import run as run_worker
 
 from sharding import spec_for
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MESHES = [{"data": 8}, {"fsdp": 8}, {"data": 2, "tensor": 4},
           {"fsdp": 2, "expert": 4, "scan": True}, {"data": 2, "expert": 2, "tensor": 2}]
 AXES = ("data", "fsdp", "expert", "tensor")
-
-
-def run_worker(*args: str, timeout: int = 240) -> list[dict]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  out = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "sharding_worker.py"), *args],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-  assert out.returncode == 0, out.stderr[-4000:]
-  return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
 @pytest.fixture(scope="module")
