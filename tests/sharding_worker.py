@@ -150,11 +150,44 @@ def ep() -> None:
     print(json.dumps({"error": str(err)}))
 
 
+def step(process_id: int, num_processes: int, port: int) -> None:
+  """One trainer step on a data 2 x fsdp 2 x expert 2 mesh over all processes' devices."""
+  import sharding
+  if num_processes > 1:
+    sharding.initialize(f"127.0.0.1:{port}", num_processes, process_id, initialization_timeout=60)
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from deepseek_jax import get_preset, optim
+  from deepseek_jax.trainer import TrainConfig, make_train_step
+
+  assert jax.device_count() == 8 and jax.process_count() == num_processes
+  cfg = get_preset("tiny_v3", num_hidden_layers=2)
+  tc = TrainConfig(preset="tiny_v3", warmup_steps=0)
+  mesh = sharding.make_mesh(data=2, fsdp=2, expert=2)
+  model = sharding.create_sharded(cfg, mesh, rngs_seed=0)
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  tx = optim.make_optimizer(tc.optim_config())
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 8, 17)).astype(np.int32)
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+  # each process supplies only the rows its devices hold
+  toks = jax.make_array_from_callback(tokens.shape, spec, lambda index: tokens[index])
+  with jax.set_mesh(mesh):
+    state = {"params": params, "rest": rest, "opt_state": jax.jit(tx.init)(params),
+             "step": np.zeros((), np.int32)}
+    _, logs = jax.jit(make_train_step(graphdef, tx, cfg, tc))(state, toks)
+  print(json.dumps({"process": jax.process_index(), "loss": float(logs["loss"]),
+                    "grad_norm": float(logs["grad_norm"])}), flush=True)
+
+
 if __name__ == "__main__":
   cmd = sys.argv[1]
   if cmd == "models":
     models(json.loads(sys.argv[2]))
   elif cmd == "ep":
     ep()
+  elif cmd == "step":
+    step(*map(int, sys.argv[2:5]))
   else:
     raise SystemExit(f"unknown command {cmd!r}")
