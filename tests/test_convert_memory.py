@@ -1,0 +1,77 @@
+"""Bounded host memory: converting a ~1 GB multi-shard checkpoint, and one twice as large with the
+same largest tensor, keeps peak RSS below baseline + a bound set by the largest single tensor."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from convert import names
+from convert.safetensors_io import TensorSpec, write_sharded
+from deepseek_jax import get_preset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs in a fresh process: a small conversion first (imports, compilations: the baseline), then
+# the measured one. ru_maxrss is the process's peak resident set.
+_CHILD = """
+import json, resource, sys
+import jax.numpy as jnp
+from convert.to_orbax import convert
+small, big, out = sys.argv[1:4]
+convert(small, out + ".warm", dtype=jnp.bfloat16)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+convert(big, out, dtype=jnp.bfloat16)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"base": base, "peak": peak}))
+"""
+
+
+def _cfg(layers):
+  """Layers of ~100 MB (float32): stacked experts [32, 512, 512] are the largest tensors."""
+  return get_preset("tiny_v2_lite", vocab_size=16384, hidden_size=512, intermediate_size=1024,
+                    moe_intermediate_size=512, n_routed_experts=32, n_shared_experts=1,
+                    num_experts_per_tok=2, num_hidden_layers=layers, first_k_dense_replace=1,
+                    kv_lora_rank=64, num_attention_heads=4, num_nextn_predict_layers=0)
+
+
+def _generate(directory, layers):
+  """A random float32 release written tensor by tensor (never whole in memory)."""
+  cfg = _cfg(layers)
+  entries = names.entries(cfg)
+  specs = [TensorSpec(n, np.dtype(np.float32), e.hf_shape()) for e in entries for n in e.hf]
+  rng = np.random.default_rng(0)
+  write_sharded(directory, specs, lambda s: rng.random(s.shape, dtype=np.float32),
+                max_shard_size="200MB", extra_files={"config.json": json.dumps(cfg.to_hf())})
+  return sum(s.nbytes for s in specs), max(math.prod(e.shape) * 4 for e in entries)
+
+
+def _peak(tmp_path, small, big, name):
+  out = subprocess.run([sys.executable, "-c", _CHILD, str(small), str(big), str(tmp_path / name)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=240,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_peak_rss_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
+  _generate(tmp_path / "small", 2)
+  size1, largest1 = _generate(tmp_path / "one", 10)
+  r1 = _peak(tmp_path, tmp_path / "small", tmp_path / "one", "out1")
+  for f in os.listdir(tmp_path / "one"):  # keep the disk use down
+    os.remove(tmp_path / "one" / f)
+  size2, largest2 = _generate(tmp_path / "two", 20)
+  r2 = _peak(tmp_path, tmp_path / "small", tmp_path / "two", "out2")
+  assert 0.9e9 < size1 < 1.2e9 and 1.9 < size2 / size1 < 2.1
+  assert largest1 == largest2 == 32 * 512 * 512 * 4
+  assert len(os.listdir(tmp_path / "two")) > 8  # several shards
+  # The bound: the staged released-layout copy, the converted copy, the group awaiting its
+  # Orbax save and Orbax's write buffers, each at most one (largest) tensor; plus allocator slack.
+  bound = 4 * largest1 + 64 * 2**20
+  for r, size in ((r1, size1), (r2, size2)):
+    grown = r["peak"] - r["base"]
+    assert grown < bound, f"{size / 1e9:.1f} GB checkpoint: peak RSS grew {grown / 2**20:.0f} MiB"
+    assert grown < size / 4  # far below the checkpoint itself
