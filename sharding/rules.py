@@ -42,7 +42,7 @@ MeshAxes = str | tuple[str, ...] | None
 DEFAULT_RULES: dict[str, MeshAxes] = {
     # parameters
     "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "mlp": "tensor", "experts": "expert",
-    "q_lora": None, "kv_lora": None, "layers": None,
+    "q_lora": "fsdp", "kv_lora": "fsdp", "layers": None,  # (unused where embed already took fsdp)
     # activations
     "batch": ("data", "fsdp"), "length": None,
 }
