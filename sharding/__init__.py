@@ -8,8 +8,8 @@ and memory plans.
 """
 
 from sharding.expert_parallel import expert_parallel_moe
+from sharding.memory import DEVICE_MEMORY, Plan, plan
 from sharding.mesh import AXES, initialize, make_mesh, parse_mesh
-from sharding.plan import DEVICE_MEMORY, Plan, plan
 from sharding.rules import (DEFAULT_RULES, PARAM_AXES, batch_spec, logical_axes, param_shardings,
                             parse_rules, spec_for)
 from sharding.shard import create_sharded, model_shardings, shard_flat, shard_model
@@ -18,3 +18,4 @@ __all__ = ["AXES", "DEFAULT_RULES", "DEVICE_MEMORY", "PARAM_AXES", "Plan", "batc
            "create_sharded", "expert_parallel_moe", "initialize", "logical_axes", "make_mesh",
            "model_shardings", "param_shardings", "parse_mesh", "parse_rules", "plan", "shard_flat",
            "shard_model", "spec_for"]
+

@@ -1,0 +1,142 @@
+"""Memory plan: per-device bytes of a model on a mesh, and whether it fits a device.
+
+Command line (sharding/plan.py):
+  python -m sharding.plan --preset=deepseek_v3 --mesh=fsdp=64,expert=4 --batch=256 \
+      --seq_len=4096 --train --device=v5p
+
+Per device (elements of each parameter divided by the mesh axes the rules shard it over):
+  parameters  = sum_params shard_elements * param_bytes;
+  gradients   = parameters (same dtype and sharding) when training;
+  optimizer   = AdamW, sharded like the parameters: two float32 moments (8 bytes per element)
+                plus a float32 master copy (4 more) when param_bytes < 4;
+  activations = an estimate, with t = batch * seq_len / (data * fsdp) tokens per device,
+                b = batch / (data * fsdp) sequences, h = heads / tensor, a = 2 bytes:
+    training (each layer rematerialised):  L * t * D * a  (saved layer inputs)
+                                         + one layer's working set, twice (forward and backward);
+    inference: one layer's working set, plus the MLA cache b * seq_len * (Rkv + dr) * L * a;
+    working set of a layer = t * D * 4 * a (residual, norm, attention output, MLP output)
+                           + t * h * (2 * (dn + dr) + 2 * dv) * a (q, k, v and attention output)
+                           + b * h * seq_len^2 * 4 (float32 scores)
+                           + t * K * (D + 3 * Ie) * a (routed copies; dense layers: 3 * I / tensor)
+    plus the logits t * V / tensor * 4 bytes, twice when training (logits and their gradient).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping
+
+import jax
+
+from deepseek_jax.config import DeepseekConfig
+from deepseek_jax.params import abstract_model, flat_state
+from sharding.mesh import AXES
+from sharding.rules import MeshAxes, spec_for
+
+GiB = 1024 ** 3
+
+# Memory per device (chip / GPU), bytes.
+DEVICE_MEMORY = {"v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB, "h100": 80 * GiB,
+                 "h200": 141 * GiB}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Per-device bytes (see the module docstring for the formulas)."""
+  mesh_shape: dict[str, int]
+  param_elements: int        # per device
+  params: int
+  gradients: int
+  optimizer: int
+  activations: int
+
+  @property
+  def total(self) -> int:
+    return self.params + self.gradients + self.optimizer + self.activations
+
+  def fits(self, device: str | int) -> bool:
+    """Whether the total fits a device memory (a name from DEVICE_MEMORY, or bytes)."""
+    return self.total <= device_memory(device)
+
+  def table(self) -> str:
+    rows = [("parameters", self.params), ("gradients", self.gradients),
+            ("optimizer", self.optimizer), ("activations", self.activations),
+            ("total", self.total)]
+    mesh = " x ".join(f"{a} {s}" for a, s in self.mesh_shape.items() if s > 1) or "one device"
+    lines = [f"per device on {mesh} ({math.prod(self.mesh_shape.values())} devices):"]
+    lines += [f"  {name:<12}{b / GiB:10.2f} GiB" for name, b in rows]
+    return "\n".join(lines)
+
+
+def device_memory(device: str | int) -> int:
+  if isinstance(device, int):
+    return device
+  key = device.lower().split("-")[0]
+  if key not in DEVICE_MEMORY:
+    raise ValueError(f"--device={device}: unknown; expected one of {sorted(DEVICE_MEMORY)}")
+  return DEVICE_MEMORY[key]
+
+
+def _mesh_shape(mesh_shape: Mapping[str, int]) -> dict[str, int]:
+  unknown = set(mesh_shape) - set(AXES)
+  if unknown:
+    raise ValueError(f"mesh {dict(mesh_shape)}: unknown axes {sorted(unknown)}; expected {AXES}")
+  return {a: int(mesh_shape.get(a, 1)) for a in AXES}
+
+
+def param_elements_per_device(cfg: DeepseekConfig, mesh_shape: Mapping[str, int],
+                              rules: Mapping[str, MeshAxes] | None = None) -> int:
+  """Elements of every variable's shard on one device (stacked layout: shapes only)."""
+  sizes = _mesh_shape(mesh_shape)
+  mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in AXES), AXES)
+  total = 0
+  for path, v in flat_state(abstract_model(cfg.replace(scan_layers=True))).items():
+    spec = spec_for(path, tuple(v.shape), mesh, rules)
+    n = math.prod(v.shape)
+    for axes in spec:
+      for a in (() if axes is None else (axes,) if isinstance(axes, str) else axes):
+        n //= sizes[a]
+    total += n
+  return total
+
+
+def activation_bytes(cfg: DeepseekConfig, mesh_shape: Mapping[str, int], batch: int,
+                     seq_len: int, *, training: bool = True, act_bytes: int = 2) -> int:
+  """The activation estimate of the module docstring."""
+  sizes = _mesh_shape(mesh_shape)
+  shards = sizes["data"] * sizes["fsdp"]
+  b = batch / shards
+  t = b * seq_len
+  tp = sizes["tensor"]
+  h = cfg.num_attention_heads / tp
+  a = act_bytes
+  attn = t * h * (2 * cfg.qk_head_dim + 2 * cfg.v_head_dim) * a + b * h * seq_len ** 2 * 4
+  if cfg.is_moe:
+    mlp = t * cfg.num_experts_per_tok * (cfg.hidden_size + 3 * cfg.moe_intermediate_size) * a
+  else:
+    mlp = 0
+  mlp = max(mlp, t * 3 * cfg.intermediate_size / tp * a)
+  layer = t * cfg.hidden_size * 4 * a + attn + mlp
+  logits = t * cfg.vocab_size / tp * 4
+  if training:
+    return int(cfg.num_hidden_layers * t * cfg.hidden_size * a + 2 * layer + 2 * logits)
+  cache = b * seq_len * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * cfg.num_hidden_layers * a
+  return int(layer + logits + cache)
+
+
+def plan(config: DeepseekConfig, mesh_shape: Mapping[str, int], batch: int, seq_len: int, *,
+         training: bool = True, param_bytes: int = 2,
+         rules: Mapping[str, MeshAxes] | None = None) -> Plan:
+  """Per-device memory of `config` on a mesh of `mesh_shape` ({"fsdp": 64, "expert": 4}; axes
+  not given are 1) for `batch` sequences of `seq_len` tokens."""
+  sizes = _mesh_shape(mesh_shape)
+  shards = sizes["data"] * sizes["fsdp"]
+  if batch % shards:
+    raise ValueError(f"batch={batch} is not divisible by data x fsdp = {shards}")
+  elements = param_elements_per_device(config, sizes, rules)
+  params = elements * param_bytes
+  grads = params if training else 0
+  opt = elements * (8 + (4 if param_bytes < 4 else 0)) if training else 0
+  acts = activation_bytes(config, sizes, batch, seq_len, training=training)
+  return Plan(sizes, elements, params, grads, opt, acts)
