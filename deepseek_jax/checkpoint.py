@@ -112,13 +112,15 @@ def _groups(items: Iterable[tuple[str, Any]], group_bytes: int) -> Iterator[dict
 
 def save_params(directory: str | os.PathLike, cfg: DeepseekConfig,
                 params: Mapping[str, Any] | Iterable[tuple[str, Any]], *, overwrite: bool = False,
-                group_bytes: int = _GROUP_BYTES,
+                group_bytes: int = _GROUP_BYTES, compress: bool = False,
                 on_saved: Callable[[dict[str, Any]], None] | None = None) -> str:
   """Writes `config.json` and the parameters (flat or nested dict, or an iterator of
   (dotted path, array) pairs consumed lazily) as one of our checkpoints; returns its path.
 
-  Parameters are saved in groups of about `group_bytes` and released once on disk. Refuses a
-  non-empty `directory` unless `overwrite`; on error nothing is left behind.
+  Parameters are saved in groups of about `group_bytes`; one group is written in the background
+  while the next is gathered, then released. `compress` turns on Orbax's zstd (weights hardly
+  compress; off, saving is about 3x faster). Refuses a non-empty `directory` unless `overwrite`;
+  on error nothing is left behind.
   """
   import orbax.checkpoint as ocp
 
@@ -126,28 +128,48 @@ def save_params(directory: str | os.PathLike, cfg: DeepseekConfig,
   directory = os.path.abspath(os.fspath(directory))
   if isinstance(params, Mapping):
     params = flatten(params).items()
+  opts = ocp.v1.options
+  ctx = ocp.v1.Context(array_options=opts.ArrayOptions(
+      saving=opts.ArrayOptions.Saving(use_compression=compress)))
   tmp = prepare_output(directory, overwrite)
+  pending = None
+
+  def finish(p):
+    response, group = p
+    response.result()
+    if on_saved is not None:
+      on_saved(group)
+    for v in group.values():
+      if isinstance(v, jax.Array):
+        v.delete()
+
   try:
     cfg.replace(scan_layers=False).save(tmp)
     target = os.path.join(tmp, PARAMS_DIR)
     seen: set[str] = set()
-    for group in _groups(params, group_bytes):
-      dup = seen & set(group)
-      if dup:
-        raise ValueError(f"parameter {sorted(dup)[0]!r} given twice")
-      seen |= set(group)
-      ocp.v1.partial.save(target, nest(group))
-      if on_saved is not None:
-        on_saved(group)
-      for v in group.values():
-        if isinstance(v, jax.Array):
-          v.delete()
-      del group
-    if not seen:
-      raise ValueError(f"{directory}: no parameters to save")
-    ocp.v1.partial.finalize(target)
+    with ctx:
+      for group in _groups(params, group_bytes):
+        dup = seen & set(group)
+        if dup:
+          raise ValueError(f"parameter {sorted(dup)[0]!r} given twice")
+        seen |= set(group)
+        if pending is not None:  # at most one group in flight
+          finish(pending)
+        pending = (ocp.v1.partial.save_async(target, nest(group)), group)
+        del group
+      if pending is not None:
+        finish(pending)
+        pending = None
+      if not seen:
+        raise ValueError(f"{directory}: no parameters to save")
+      ocp.v1.partial.finalize(target)
     commit_output(tmp, directory)
   except BaseException:
+    if pending is not None:
+      try:
+        pending[0].result()
+      except Exception:  # the original error matters more
+        pass
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return directory
