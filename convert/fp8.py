@@ -98,6 +98,7 @@ def is_quantized_name(hf_name: str) -> bool:
   """Whether the release stores this tensor in FP8: the 2-D projection weights of the decoder
   layers (attention, dense MLP, shared and routed experts). Embeddings, the head, norms, the router
   and the MTP-only tensors (`eh_proj`, `shared_head`, `enorm`/`hnorm`) stay in high precision."""
-  if not hf_name.startswith("model.layers.") or not hf_name.endswith("_proj.weight"):
+  if not hf_name.startswith("model.layers.") or not hf_name.endswith(
+      ("_proj.weight", "_proj_with_mqa.weight")):
     return False
   return ".self_attn." in hf_name or ".mlp." in hf_name
