@@ -123,3 +123,21 @@ def test_entries_cover_every_released_tensor(tmp_path):
   save_hf(cfg, tmp_path)
   with SafetensorsDir(tmp_path) as f:
     assert {n for e in names.entries(cfg) for n in e.hf} == set(f.keys())
+
+
+def test_trainer_workdir_exports_to_the_released_layout(tmp_path):
+  from deepseek_jax import trainer
+  corpus = os.path.dirname(json.__file__)
+  trainer.train(trainer.TrainConfig(
+      workdir=str(tmp_path / "run"), preset="tiny_v3", data=corpus, seq_len=32, batch_size=2,
+      steps=1, log_every=1, warmup_steps=0, moe_dispatch="dense", peak_flops=1e11,
+      progress=False, tensorboard=False))
+  assert checkpoint.is_orbax_checkpoint(tmp_path / "run")
+  trained = flat_state(trainer.load_model(str(tmp_path / "run")))
+  cfg, flat = checkpoint.restore_params(tmp_path / "run")
+  assert cfg.num_nextn_predict_layers == 1 and set(flat) == set(trained)
+  export(tmp_path / "run", tmp_path / "hf")
+  _, back = load_hf(tmp_path / "hf", dtype=jnp.float32)
+  assert set(back) == set(trained)
+  for k in trained:
+    np.testing.assert_array_equal(np.asarray(back[k]), np.asarray(trained[k]), err_msg=k)
