@@ -34,9 +34,13 @@ CI_PARAMS = {
     "01_quickstart.ipynb": dict(
         steps=4, seq_len=32, batch_per_device=2, corpus_mb=0.05, hidden_size=32, num_layers=2,
         new_tokens=8, workdir="{tmp}/quickstart"),
+    "03_experts_and_sharding.ipynb": dict(
+        overrides={}, batch=4, seq_len=16, repeats=1, mesh_axes={"expert": -1},
+        plan_rows=[("v5p-256", "train", {"fsdp": 16, "expert": 8}, 16),
+                   ("v6e-256", "infer", {"expert": 32, "tensor": 8}, 1)]),
 }
 # Simulated CPU devices per notebook (XLA's host platform device count).
-CPU_DEVICES = {}
+CPU_DEVICES = {"03_experts_and_sharding.ipynb": 4}
 
 
 def _kernel_manager(tmp_path: pathlib.Path, devices: int):
@@ -128,3 +132,11 @@ def test_notebook_runs_on_cpu(name, tmp_path):
     assert any("image/png" in o.get("data", {}) for o in _outputs(nb)), "no loss plot"
     assert os.path.isfile(tmp_path / "quickstart" / "metrics.jsonl")
     assert "def fibonacci(n):" in text
+  if name.startswith("03_"):
+    assert "backend: cpu - 4 device(s)" in text and "'expert': 4" in text
+    diffs = [float(x) for x in re.findall(r"max \|[^|]*\| ([0-9.e+-]+)", text)]
+    assert len(diffs) == 3 and max(diffs) < 1e-4, diffs  # sharded, expert parallel, absorbed
+    tables = [o["data"]["text/markdown"] for o in _outputs(nb)
+              if "text/markdown" in o.get("data", {})]
+    assert tables and "| v5p-256 | train |" in tables[0]
+    assert sum("image/png" in o.get("data", {}) for o in _outputs(nb)) == 2  # load, memory plan
