@@ -27,6 +27,8 @@ COLAB = ROOT / "colab"
 NOTEBOOKS = sorted(p.name for p in COLAB.glob("*.ipynb"))
 KERNEL = "deepseek-jax-test"
 CELL_TIMEOUT_S = 240
+# The release's special tokens; ids 0 and 1, as the tiny_v2_lite preset's bos/eos say.
+BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 
 # Tiny values injected after each notebook's parameters cell; {tmp} is the test's directory and
 # {hf_dir} the locally generated checkpoint. Every notebook must have an entry here.
@@ -34,13 +36,39 @@ CI_PARAMS = {
     "01_quickstart.ipynb": dict(
         steps=4, seq_len=32, batch_per_device=2, corpus_mb=0.05, hidden_size=32, num_layers=2,
         new_tokens=8, workdir="{tmp}/quickstart"),
+    "02_convert_and_generate.ipynb": dict(
+        hf_dir="{hf_dir}", output_dir="{tmp}/orbax", dtype="float32", mesh_axes={"expert": -1},
+        prompts=["hello world", "def"], max_new_tokens=6),
     "03_experts_and_sharding.ipynb": dict(
         overrides={}, batch=4, seq_len=16, repeats=1, mesh_axes={"expert": -1},
-        plan_rows=[("v5p-256", "train", {"fsdp": 16, "expert": 8}, 16),
-                   ("v6e-256", "infer", {"expert": 32, "tensor": 8}, 1)]),
+        plan_rows=[("v5p-256", "train", {"fsdp": 16, "expert": 8}),
+                   ("v6e-256", "infer", {"expert": 32, "tensor": 8})]),
 }
 # Simulated CPU devices per notebook (XLA's host platform device count).
-CPU_DEVICES = {"03_experts_and_sharding.ipynb": 4}
+CPU_DEVICES = {"02_convert_and_generate.ipynb": 2, "03_experts_and_sharding.ipynb": 4}
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> pathlib.Path:
+  """A tiny DeepSeek-V2-Lite-layout checkpoint (transformers' save_pretrained) with a tiny BPE
+  tokenizer.json whose special tokens carry the release's names."""
+  pytest.importorskip("transformers")
+  tokenizers = pytest.importorskip("tokenizers")
+  from hf_reference import save_hf
+
+  from deepseek_jax.presets import get_preset
+
+  path = tmp_path_factory.mktemp("hf_tiny")
+  save_hf(get_preset("tiny_v2_lite"), path)
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(
+      vocab_size=300, special_tokens=[BOS, EOS], show_progress=False,
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(["hello world, def fibonacci(n): return n"] * 4, trainer)
+  tok.save(str(path / "tokenizer.json"))
+  return path
 
 
 def _kernel_manager(tmp_path: pathlib.Path, devices: int):
@@ -55,7 +83,8 @@ def _kernel_manager(tmp_path: pathlib.Path, devices: int):
   # The repository first on the path: the package is importable (so the install cell skips)
   # whether or not it is pip-installed, and `python -m convert...` from a cell finds it too.
   path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-  env = {"PYTHONPATH": path, "JAX_PLATFORMS": "cpu", "MPLBACKEND": "module://matplotlib_inline.backend_inline",
+  env = {"PYTHONPATH": path, "JAX_PLATFORMS": "cpu",
+         "MPLBACKEND": "module://matplotlib_inline.backend_inline",
          "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
   (spec_dir / "kernel.json").write_text(json.dumps({
       "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
@@ -115,9 +144,12 @@ def test_notebook_is_clean_for_colab(name):
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
-def test_notebook_runs_on_cpu(name, tmp_path):
+def test_notebook_runs_on_cpu(name, tmp_path, request):
   nb = nbformat.read(COLAB / name, as_version=4)
-  params = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v
+  fmt = {"tmp": tmp_path}
+  if any("{hf_dir}" in str(v) for v in CI_PARAMS[name].values()):
+    fmt["hf_dir"] = request.getfixturevalue("hf_dir")
+  params = {k: v.format(**fmt) if isinstance(v, str) else v
             for k, v in CI_PARAMS[name].items()}
   _inject(nb, params)
   km = _kernel_manager(tmp_path, CPU_DEVICES.get(name, 1))
@@ -132,6 +164,12 @@ def test_notebook_runs_on_cpu(name, tmp_path):
     assert any("image/png" in o.get("data", {}) for o in _outputs(nb)), "no loss plot"
     assert os.path.isfile(tmp_path / "quickstart" / "metrics.jsonl")
     assert "def fibonacci(n):" in text
+  if name.startswith("02_"):
+    assert "backend: cpu - 2 device(s)" in text and "'expert': 2" in text
+    assert os.path.isfile(tmp_path / "orbax" / "config.json")
+    assert "P('expert'," in text  # the experts are split over the chips
+    completions = re.findall(r"^'(hello world|def).*'$", text, re.M)
+    assert len(completions) == 2, text[-2000:]
   if name.startswith("03_"):
     assert "backend: cpu - 4 device(s)" in text and "'expert': 4" in text
     diffs = [float(x) for x in re.findall(r"max \|[^|]*\| ([0-9.e+-]+)", text)]
