@@ -48,20 +48,20 @@ def _local(x, topk_idx, topk_weight, w_gate, w_up, w_down, *, num_experts, p, ca
   d = x.shape[-1]
   e_loc = num_experts // p
   m = n * k
-  expert = topk_idx.reshape(-1)                       # [m]
-  dest = expert // e_loc                              # [m] owning device along "expert"
+  expert = topk_idx.reshape(-1)                       # [m], -1: no expert (padding)
+  dest = jnp.where(expert >= 0, expert // e_loc, p)   # [m] owning device along "expert"; p: none
   order = jnp.argsort(dest, stable=True)
   sorted_dest = dest[order]
-  counts = jnp.bincount(dest, length=p)               # [P]
+  counts = jnp.bincount(dest, length=p + 1)           # [P + 1]
   start = jnp.cumsum(counts) - counts
   rank_sorted = jnp.arange(m) - start[sorted_dest]
   rank = jnp.zeros((m,), jnp.int32).at[order].set(rank_sorted.astype(jnp.int32))  # [m]
-  keep = rank < capacity                              # dropped beyond the capacity
+  keep = (rank < capacity) & (dest < p)               # dropped beyond the capacity
   slot = jnp.where(keep, dest * capacity + rank, p * capacity)  # out of range: dropped
   xs = jnp.repeat(x, k, axis=0)                       # [m, D] copy c = token c // K
   send_x = jnp.zeros((p * capacity, d), x.dtype).at[slot].set(xs, mode="drop")
   send_e = jnp.full((p * capacity,), -1, jnp.int32).at[slot].set(
-      (expert % e_loc).astype(jnp.int32), mode="drop")
+      jnp.maximum(expert, 0).astype(jnp.int32) % e_loc, mode="drop")
   recv_x = jax.lax.all_to_all(send_x.reshape(p, capacity, d), "expert", 0, 0)    # [P, C, D]
   recv_e = jax.lax.all_to_all(send_e.reshape(p, capacity), "expert", 0, 0)       # [P, C]
   recv_x, recv_e = recv_x.reshape(-1, d), recv_e.reshape(-1)
@@ -72,23 +72,29 @@ def _local(x, topk_idx, topk_weight, w_gate, w_up, w_down, *, num_experts, p, ca
   back = jax.lax.all_to_all(y.reshape(p, capacity, d), "expert", 0, 0).reshape(-1, d)
   out = jnp.where(keep[:, None], back[jnp.minimum(slot, p * capacity - 1)], 0)  # [m, D]
   w = topk_weight.reshape(-1).astype(jnp.float32)
-  y_tok = jnp.sum((out.astype(jnp.float32) * w[:, None]).reshape(n, k, d), axis=1)
+  y_tok = jnp.sum((out.astype(jnp.float32) * w[:, None]).reshape(n, k, d), axis=1)  # [n, D]
   return y_tok.astype(x.dtype)
 
 
 def expert_parallel_moe(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array,
                         w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
-                        mesh: jax.sharding.Mesh, capacity_factor: float | None = None,
+                        mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+                        capacity_factor: float | None = None,
                         method: str = "blocked") -> jax.Array:
   """Routed experts for x [N, D] with experts split over the mesh's "expert" axis.
 
-  topk_idx/topk_weight [N, K]; w_gate, w_up [E, D, I]; w_down [E, I, D]. Tokens are split over
-  the mesh's data, fsdp and expert axes (N must divide by their product); weights enter split
-  over "expert" only (gathered along the other axes, as FSDP does per layer). Equals
-  `dispatch.moe_experts(..., method="dense")` when dropless (the default).
+  topk_idx/topk_weight [N, K] (an index of -1 selects no expert); w_gate, w_up [E, D, I];
+  w_down [E, I, D]; `mesh` defaults to the current one (`jax.set_mesh`). Tokens are split over
+  the mesh's data, fsdp and expert axes (padded with expert-less tokens up to a multiple of
+  their product, so any N works, decode steps included); weights enter split over "expert" only
+  (gathered along the other axes, as FSDP does per layer). `method` is the dispatch of the local
+  experts (`dispatch.moe_experts`). Equals `dispatch.moe_experts(..., method="dense")` when
+  dropless (the default).
   """
-  if "expert" not in mesh.axis_names:
-    raise ValueError(f"expert_parallel_moe: the mesh has no 'expert' axis (axes {mesh.axis_names})")
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  if mesh.empty or "expert" not in mesh.axis_names:
+    raise ValueError(f"expert_parallel_moe: the mesh has no 'expert' axis (axes {mesh.axis_names}); "
+                     "pass mesh= or call it under jax.set_mesh")
   p = mesh.shape["expert"]
   e = w_gate.shape[0]
   if e % p:
@@ -97,10 +103,12 @@ def expert_parallel_moe(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Arra
   token_axes = tuple(a for a in TOKEN_AXES if a in mesh.axis_names)
   shards = math.prod(mesh.shape[a] for a in token_axes)
   n = x.shape[0]
-  if n % shards:
-    raise ValueError(f"expert_parallel_moe: {n} tokens do not split over mesh axes "
-                     f"{'×'.join(token_axes)} of size {shards}")
-  capacity = _capacity((n // shards) * topk_idx.shape[1], p, capacity_factor)
+  pad = -n % shards
+  if pad:
+    x = jnp.pad(x, ((0, pad), (0, 0)))
+    topk_idx = jnp.pad(topk_idx, ((0, pad), (0, 0)), constant_values=-1)
+    topk_weight = jnp.pad(topk_weight, ((0, pad), (0, 0)))
+  capacity = _capacity(((n + pad) // shards) * topk_idx.shape[1], p, capacity_factor)
   tok, wts = P(token_axes), P("expert")
 
   def body(x, idx, w, g, u, dn):
@@ -109,4 +117,15 @@ def expert_parallel_moe(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Arra
   # check_vma off: the blocked grouped matmul's backward scan starts from an invariant zero carry.
   fn = jax.shard_map(body, mesh=mesh, in_specs=(tok, tok, tok, wts, wts, wts), out_specs=tok,
                      check_vma=False)
-  return fn(x, topk_idx, topk_weight, w_gate, w_up, w_down)
+  return fn(x, topk_idx, topk_weight, w_gate, w_up, w_down)[:n]
+
+
+def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, w_gate: jax.Array,
+                w_up: jax.Array, w_down: jax.Array, *, method: str) -> jax.Array:
+  """`dispatch.moe_experts`, expert-parallel (dropless) when the current mesh has an "expert"
+  axis of size > 1; the model's routed experts call this."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.shape.get("expert", 1) > 1:
+    return expert_parallel_moe(x, topk_idx, topk_weight, w_gate, w_up, w_down, mesh=mesh,
+                               method=method)
+  return dispatch.moe_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, method=method)

@@ -9,8 +9,9 @@ Per device (elements of each parameter divided by the mesh axes the rules shard 
   gradients   = parameters (same dtype and sharding) when training;
   optimizer   = AdamW, sharded like the parameters: two float32 moments (8 bytes per element)
                 plus a float32 master copy (4 more) when param_bytes < 4;
-  activations = an estimate, with t = batch * seq_len / (data * fsdp) tokens per device,
-                b = batch / (data * fsdp) sequences, h = heads / tensor, a = 2 bytes:
+  activations = an estimate, with b = batch / S sequences and t = b * seq_len tokens per device
+                (S: the product of the mesh axes the "batch" rule names, by default
+                data * fsdp * expert), h = heads / tensor, a = 2 bytes:
     training (each layer rematerialised):  L * t * D * a  (saved layer inputs)
                                          + one layer's working set, twice (forward and backward);
     inference: one layer's working set, plus the MLA cache b * seq_len * (Rkv + dr) * L * a;
@@ -32,13 +33,16 @@ import jax
 from deepseek_jax.config import DeepseekConfig
 from deepseek_jax.params import abstract_model, flat_state
 from sharding.mesh import AXES
-from sharding.rules import MeshAxes, spec_for
+from sharding.rules import DEFAULT_RULES, MeshAxes, _as_tuple, spec_for
 
 GiB = 1024 ** 3
 
 # Memory per device (chip / GPU), bytes.
 DEVICE_MEMORY = {"v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB, "h100": 80 * GiB,
                  "h200": 141 * GiB}
+# TPU slice names count TensorCores: v5p has two per chip ("v5p-256" is 128 chips).
+CORES_PER_CHIP = {"v5p": 2}
+_UNITS = {"gib": GiB, "gb": 10 ** 9, "mib": 1024 ** 2, "mb": 10 ** 6, "b": 1, "": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,12 +74,46 @@ class Plan:
 
 
 def device_memory(device: str | int) -> int:
+  """Bytes of one device: a name ("v5p", "v5p-256", "h100"), a size ("95GiB", "80GB") or bytes."""
   if isinstance(device, int):
     return device
-  key = device.lower().split("-")[0]
+  text = device.strip().lower()
+  number = text.rstrip("abcdefghijklmnopqrstuvwxyz ")
+  if number and number[0].isdigit():
+    unit = text[len(number):].strip()
+    if unit not in _UNITS:
+      raise ValueError(f"device memory {device!r}: unknown unit {unit!r}; expected one of "
+                       "GiB, GB, MiB, MB, B")
+    return int(float(number) * _UNITS[unit])
+  key = text.split("-")[0]
   if key not in DEVICE_MEMORY:
-    raise ValueError(f"--device={device}: unknown; expected one of {sorted(DEVICE_MEMORY)}")
+    raise ValueError(f"--device={device}: unknown; expected one of {sorted(DEVICE_MEMORY)} "
+                     "(optionally with a slice size, v5p-256) or a size such as 95GiB")
   return DEVICE_MEMORY[key]
+
+
+def slice_devices(name: str) -> int | None:
+  """Devices (chips) of a slice name: "v5p-256" -> 128, "v6e-64" -> 64, "h100-8" -> 8; None
+  without a count."""
+  key, sep, count = name.lower().partition("-")
+  if not sep:
+    return None
+  if not count.isdigit() or key not in DEVICE_MEMORY:
+    raise ValueError(f"--device={name}: expected NAME-COUNT with NAME one of "
+                     f"{sorted(DEVICE_MEMORY)}")
+  cores = CORES_PER_CHIP.get(key, 1)
+  if int(count) % cores:
+    raise ValueError(f"--device={name}: {key} counts {cores} cores per chip; {count} is not a "
+                     "whole number of chips")
+  return int(count) // cores
+
+
+def batch_shards(mesh_shape: Mapping[str, int], rules: Mapping[str, MeshAxes] | None = None
+                 ) -> int:
+  """How many ways the batch splits: the product of the mesh axes of the "batch" rule."""
+  sizes = _mesh_shape(mesh_shape)
+  axes = _as_tuple((DEFAULT_RULES if rules is None else rules).get("batch"))
+  return math.prod(sizes[a] for a in axes)
 
 
 def _mesh_shape(mesh_shape: Mapping[str, int]) -> dict[str, int]:
@@ -102,11 +140,11 @@ def param_elements_per_device(cfg: DeepseekConfig, mesh_shape: Mapping[str, int]
 
 
 def activation_bytes(cfg: DeepseekConfig, mesh_shape: Mapping[str, int], batch: int,
-                     seq_len: int, *, training: bool = True, act_bytes: int = 2) -> int:
+                     seq_len: int, *, training: bool = True, act_bytes: int = 2,
+                     rules: Mapping[str, MeshAxes] | None = None) -> int:
   """The activation estimate of the module docstring."""
   sizes = _mesh_shape(mesh_shape)
-  shards = sizes["data"] * sizes["fsdp"]
-  b = batch / shards
+  b = batch / batch_shards(sizes, rules)
   t = b * seq_len
   tp = sizes["tensor"]
   h = cfg.num_attention_heads / tp
@@ -131,12 +169,14 @@ def plan(config: DeepseekConfig, mesh_shape: Mapping[str, int], batch: int, seq_
   """Per-device memory of `config` on a mesh of `mesh_shape` ({"fsdp": 64, "expert": 4}; axes
   not given are 1) for `batch` sequences of `seq_len` tokens."""
   sizes = _mesh_shape(mesh_shape)
-  shards = sizes["data"] * sizes["fsdp"]
+  elements = param_elements_per_device(config, sizes, rules)  # raises on indivisible parameters
+  shards = batch_shards(sizes, rules)
   if batch % shards:
-    raise ValueError(f"batch={batch} is not divisible by data x fsdp = {shards}")
-  elements = param_elements_per_device(config, sizes, rules)
+    axes = " x ".join(_as_tuple((DEFAULT_RULES if rules is None else rules).get("batch")))
+    raise ValueError(f"batch={batch} is not divisible by {axes} = {shards} (the batch rule's "
+                     "mesh axes)")
   params = elements * param_bytes
   grads = params if training else 0
   opt = elements * (8 + (4 if param_bytes < 4 else 0)) if training else 0
-  acts = activation_bytes(config, sizes, batch, seq_len, training=training)
+  acts = activation_bytes(config, sizes, batch, seq_len, training=training, rules=rules)
   return Plan(sizes, elements, params, grads, opt, acts)

@@ -9,7 +9,7 @@ Axes, outermost first (the order matters on TPU: inner axes get the fastest link
 Axis types are Auto (GSPMD propagation from the parameter and input shardings).
 
 On a multi-slice TPU pod (devices with `slice_index`), `data` spans the slices (data-centre
-network) and the other axes stay within a slice (ICI).
+network) and the other axes stay within a slice (ICI) unless `dcn=` says otherwise.
 """
 
 from __future__ import annotations
@@ -45,28 +45,53 @@ def _resolve(sizes: dict[str, int], n_devices: int) -> dict[str, int]:
   return sizes
 
 
+def device_grid(sizes: dict[str, int], devices: Sequence, dcn: dict[str, int] | None = None
+                ) -> np.ndarray:
+  """The devices arranged as an array of shape `sizes` (axes in AXES order).
+
+  Granules are TPU slices (`slice_index`); with `dcn` on devices without slices, processes.
+  `dcn` ({"data": 2}) says how many granules each axis spans; the rest of each axis lies within a
+  granule (fast links). With several slices and no `dcn`, `data` spans them.
+  """
+  shape = tuple(sizes[a] for a in AXES)
+  slices = {getattr(d, "slice_index", 0) or 0 for d in devices}
+  if dcn is None and len(slices) > 1:
+    dcn = {"data": len(slices)}
+  if dcn:
+    unknown = set(dcn) - set(AXES)
+    if unknown:
+      raise ValueError(f"dcn {dcn}: unknown axes {sorted(unknown)}; expected {AXES}")
+    granules = len(slices) if len(slices) > 1 else len({d.process_index for d in devices})
+    dcn_shape = tuple(int(dcn.get(a, 1)) for a in AXES)
+    if math.prod(dcn_shape) != granules:
+      kind = "slices" if len(slices) > 1 else "processes"
+      raise ValueError(f"dcn {dcn}: its product {math.prod(dcn_shape)} must equal the "
+                       f"{granules} {kind} the devices span")
+    bad = [a for a, s, g in zip(AXES, shape, dcn_shape) if s % g]
+    if bad:
+      raise ValueError(f"mesh {sizes} with dcn {dcn}: axes {bad} do not divide by the number of "
+                       "granules they span (each granule must hold an equal part)")
+    ici_shape = tuple(s // g for s, g in zip(shape, dcn_shape))
+    return mesh_utils.create_hybrid_device_mesh(
+        ici_shape, dcn_shape, devices, process_is_granule=len(slices) == 1,
+        allow_split_physical_axes=True)
+  if devices[0].platform in ("tpu", "gpu", "cuda", "rocm"):
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  return np.asarray(devices, dtype=object).reshape(shape)
+
+
 def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
-              devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+              devices: Sequence[jax.Device] | None = None,
+              dcn: dict[str, int] | None = None) -> jax.sharding.Mesh:
   """A mesh with axes ("data", "fsdp", "expert", "tensor") over `devices` (default: all).
 
-  One axis may be -1 for "the rest". Raises ValueError naming the axes and the device count
-  when their product is not the number of devices.
+  Sizes are totals over all devices; one axis may be -1 for "the rest". Raises ValueError naming
+  the axes and the device count when their product is not the number of devices. On multi-slice
+  TPU pods `dcn` ({"data": 2} by default) says which axes span slices; see `device_grid`.
   """
   devices = list(jax.devices() if devices is None else devices)
   sizes = _resolve(dict(zip(AXES, (data, fsdp, expert, tensor))), len(devices))
-  shape = tuple(sizes[a] for a in AXES)
-  num_slices = 1 + max(getattr(d, "slice_index", 0) or 0 for d in devices)
-  if num_slices > 1:
-    if sizes["data"] % num_slices:
-      raise ValueError(f"mesh {sizes}: the devices span {num_slices} slices and data parallelism "
-                       f"crosses slices, so data={sizes['data']} must be a multiple of "
-                       f"{num_slices}")
-    per_slice = (sizes["data"] // num_slices,) + shape[1:]
-    grid = mesh_utils.create_hybrid_device_mesh(per_slice, (num_slices, 1, 1, 1), devices)
-  elif devices[0].platform in ("tpu", "gpu", "cuda", "rocm"):
-    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
-  else:
-    grid = np.asarray(devices, dtype=object).reshape(shape)
+  grid = device_grid(sizes, devices, dcn)
   return jax.sharding.Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 
 

@@ -1,41 +1,65 @@
 """`python -m sharding.plan`: the memory plan of a model on a mesh (see sharding/memory.py).
 
-  python -m sharding.plan --preset=deepseek_v3 --mesh=fsdp=64,expert=4 --batch=64 \
-      --seq_len=4096 --train --device=v5p
+  python -m sharding.plan --preset=deepseek_v3 --mesh=fsdp=-1,expert=4 --batch=512 \
+      --seq_len=4096 --train --device=v5p-512
+  python -m sharding.plan --preset=deepseek_v3 --mesh=fsdp=-1,expert=4 --batch=64 \
+      --seq_len=4096 --device=v6e-64                     # inference
+With a slice size in --device (v5p-512: 256 chips), one --mesh axis may be -1 (the rest).
 """
 
 from __future__ import annotations
 
+import math
+
 from absl import app, flags
 
-from sharding.memory import DEVICE_MEMORY, GiB, device_memory, plan
+from sharding.memory import DEVICE_MEMORY, GiB, device_memory, plan, slice_devices
 
 flags.DEFINE_string("preset", "deepseek_v3", "model preset")
 flags.DEFINE_string("config_json", None, "a config.json (file or directory) instead of --preset")
-flags.DEFINE_string("mesh", "fsdp=64,expert=4", "axis sizes (their product is the device count)")
+flags.DEFINE_string("mesh", "fsdp=64,expert=4", "axis sizes; one may be -1 with a sized --device")
 flags.DEFINE_integer("batch", 256, "sequences per step (global)")
 flags.DEFINE_integer("seq_len", 4096, "tokens per sequence")
 flags.DEFINE_bool("train", False, "training (gradients, AdamW state) rather than inference")
 flags.DEFINE_integer("param_bytes", 2, "bytes per stored parameter (2: bfloat16, 1: fp8)")
-flags.DEFINE_string("device", None, f"one of {sorted(DEVICE_MEMORY)} (default: all)")
+flags.DEFINE_string("device", None, f"one of {sorted(DEVICE_MEMORY)}, optionally with the slice "
+                    "size (v5p-256: TPU names count cores); default: all, no size")
+flags.DEFINE_string("device_memory", None, "memory per device instead, e.g. 95GiB or 80GB")
 flags.DEFINE_string("rules", "", "rule overrides, e.g. experts=expert,embed=fsdp")
 FLAGS = flags.FLAGS
+
+
+def resolve_mesh(text: str, device: str | None) -> dict[str, int]:
+  """--mesh sizes, a -1 axis filled from --device's slice size; checks the product."""
+  from sharding.mesh import _resolve, parse_mesh
+  sizes = parse_mesh(text)
+  count = slice_devices(device) if device else None
+  if count is None:
+    if -1 in sizes.values():
+      raise ValueError(f"--mesh={text}: a -1 axis needs a device count, e.g. --device=v5p-256")
+    return sizes
+  return _resolve(sizes, count)
 
 
 def main(argv) -> None:
   del argv
   from deepseek_jax.config import DeepseekConfig
   from deepseek_jax.presets import get_preset
-  from sharding.mesh import parse_mesh
   from sharding.rules import parse_rules
   f = FLAGS
   cfg = DeepseekConfig.from_hf(f.config_json) if f.config_json else get_preset(f.preset)
-  p = plan(cfg, parse_mesh(f.mesh), f.batch, f.seq_len, training=f.train,
-           param_bytes=f.param_bytes, rules=parse_rules(f.rules) if f.rules else None)
+  sizes = resolve_mesh(f.mesh, f.device)
+  p = plan(cfg, sizes, f.batch, f.seq_len, training=f.train, param_bytes=f.param_bytes,
+           rules=parse_rules(f.rules) if f.rules else None)
   print(("training" if f.train else "inference") + f", batch {f.batch} x {f.seq_len} tokens")
   print(p.table())
-  for d in [f.device] if f.device else sorted(DEVICE_MEMORY):
-    print(f"  fits {d} ({device_memory(d) / GiB:.0f} GiB): {'yes' if p.fits(d) else 'no'}")
+  if f.device_memory:
+    targets = [f.device_memory]
+  else:
+    targets = [f.device] if f.device else sorted(DEVICE_MEMORY)
+  for d in targets:
+    print(f"  fits {d} ({device_memory(d) / GiB:.0f} GiB, {math.prod(sizes.values())} devices): "
+          f"{'yes' if p.fits(d) else 'no'}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ Norm scales, biases and router biases are replicated. Stacked layers (`dense_lay
 `moe_layers.*` of `scan_layers`) get a leading "layers" axis.
 A fused [in, H*d] projection is sharded along its fused output: a split over heads as long as
 the mesh axis divides it.
+Activations use the same logical names (batch, length, embed, heads, mlp, vocab, experts):
+`shard_activation(x, ("batch", "length", "embed"))` pins an intermediate's sharding inside a
+model; it does nothing outside a mesh.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
     "vocab": "tensor", "embed": "fsdp", "heads": "tensor", "mlp": "tensor", "experts": "expert",
     "q_lora": "fsdp", "kv_lora": "fsdp", "layers": None,  # (unused where embed already took fsdp)
     # activations
-    "batch": ("data", "fsdp"), "length": None,
+    # the expert axis splits the batch too (each expert group works on its own tokens outside
+    # the routed experts, and expert_parallel_moe splits tokens over it)
+    "batch": ("data", "fsdp", "expert"), "length": None,
 }
 
 STACKS = ("dense_layers.", "moe_layers.")
@@ -131,3 +136,38 @@ def batch_spec(rules: Mapping[str, MeshAxes] | None = None, ndim: int = 2) -> Pa
   axes = _as_tuple((DEFAULT_RULES if rules is None else rules).get("batch"))
   lead = None if not axes else axes[0] if len(axes) == 1 else axes
   return PartitionSpec(lead, *([None] * (ndim - 1)))
+
+
+def activation_spec(names: tuple[str | None, ...], shape: tuple[int, ...],
+                    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh,
+                    rules: Mapping[str, MeshAxes] | None = None) -> PartitionSpec:
+  """The PartitionSpec of an activation with logical axes `names` (one per dimension).
+
+  Unlike parameters, activations change shape (a decode step has one token, a small batch may
+  not split): a mesh axis that is absent, of size 1, already used, or that does not divide the
+  dimension is left out (that dimension stays whole along it) instead of raising.
+  """
+  if len(names) != len(shape):
+    raise ValueError(f"activation of shape {tuple(shape)}: {len(names)} logical axes {names}")
+  rules = DEFAULT_RULES if rules is None else rules
+  used: set[str] = set()
+  spec = []
+  for dim, name in zip(shape, names):
+    axes = []
+    for a in _as_tuple(rules.get(name)) if name else ():
+      size = math.prod(mesh.shape[b] for b in axes) * mesh.shape.get(a, 1)
+      if a in mesh.shape and mesh.shape[a] > 1 and a not in used and dim % size == 0:
+        axes.append(a)
+    used.update(axes)
+    spec.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+  return PartitionSpec(*spec)
+
+
+def shard_activation(x: jax.Array, names: tuple[str | None, ...],
+                     rules: Mapping[str, MeshAxes] | None = None) -> jax.Array:
+  """`x` constrained to the sharding its logical axes give under the current mesh
+  (`jax.set_mesh`); `x` itself when there is no mesh."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  return jax.lax.with_sharding_constraint(x, activation_spec(names, x.shape, mesh, rules))

@@ -53,10 +53,22 @@ def _loss_and_grads(model, tokens, cfg, tc, make_loss_fn):
   return loss, nnx.to_pure_dict(grads)
 
 
+def _use_expert_parallel(on: bool) -> None:
+  """The model's routed experts through sharding.expert_parallel.moe_experts (the one-line
+  change proposed for deepseek_jax/moe.py) or through deepseek_jax.dispatch as written."""
+  import types
+
+  import deepseek_jax.moe as moe_mod
+  from deepseek_jax import dispatch
+  from sharding import expert_parallel
+  moe_mod.dispatch = (types.SimpleNamespace(moe_experts=expert_parallel.moe_experts,
+                                            default_method=dispatch.default_method)
+                      if on else dispatch)
+
+
 def models(meshes: list[dict]) -> None:
   import jax
   import numpy as np
-  from flax import nnx
 
   import sharding
   from deepseek_jax.params import flat_state
@@ -69,14 +81,17 @@ def models(meshes: list[dict]) -> None:
     for sizes in meshes:
       if scan and not sizes.get("scan"):
         continue
-      sizes = {k: v for k, v in sizes.items() if k != "scan"}
+      ep = bool(sizes.get("ep"))
+      sizes = {k: v for k, v in sizes.items() if k not in ("scan", "ep")}
       mesh = sharding.make_mesh(**sizes)
+      _use_expert_parallel(ep)
       sm = sharding.shard_model(model, mesh)
       batch = jax.sharding.NamedSharding(mesh, sharding.batch_spec())
       toks = jax.device_put(tokens, batch)
       with jax.set_mesh(mesh):
         logits = jax.jit(lambda m, x: m(x))(sm, toks[:, :-1])
         loss, grads = _loss_and_grads(sm, toks, cfg, tc, make_loss_fn)
+      _use_expert_parallel(False)
       flat_grads = jax.tree.map(np.asarray, grads)
       grad_err = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
                      for a, b in zip(jax.tree.leaves(flat_grads), jax.tree.leaves(ref_grads)))
@@ -84,7 +99,7 @@ def models(meshes: list[dict]) -> None:
                     "spec": [list(a) if isinstance(a, tuple) else a for a in v.sharding.spec]}
                 for p, v in flat_state(sm).items()}
       print(json.dumps({
-          "mesh": sizes, "scan": scan,
+          "mesh": sizes, "scan": scan, "ep": ep,
           "logits_err": float(np.max(np.abs(np.asarray(logits) - ref_logits))),
           "loss": float(loss), "ref_loss": float(ref_loss), "grad_rel_err": grad_err,
           "shards": shards}), flush=True)
@@ -134,15 +149,37 @@ def ep() -> None:
         f = lambda x, ws: expert_parallel_moe(x, idx, weight, *ws, mesh=mesh, capacity_factor=cf)
         with jax.set_mesh(mesh):
           out = jax.jit(f)(x, ws)
-          g = jax.jit(jax.grad(lambda x, ws: loss(f, x, ws), argnums=(0, 1)))(x, ws)
-        gerr = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-                   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)))
+          g = (jax.jit(jax.grad(lambda x, ws: loss(f, x, ws), argnums=(0, 1)))(x, ws)
+               if cf is None else None)  # gradients only where the result must be exact
+        gerr = None if g is None else max(
+            float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+            for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)))
         print(json.dumps({"mesh": sizes, "routing": name, "capacity_factor": cf,
                           "err": float(np.max(np.abs(np.asarray(out) - np.asarray(ref)))),
                           "grad_err": gerr,
                           "grad_max": max(float(np.max(np.abs(a))) for a in jax.tree.leaves(ref_g)),
                           "ref_max": float(np.max(np.abs(ref))),
                           "finite": bool(np.all(np.isfinite(np.asarray(out))))}), flush=True)
+  # token counts that do not split over the mesh (decode): padded with expert-less tokens
+  mesh = sharding.make_mesh(data=2, expert=4)
+  for n_odd in (1, 13):
+    idx = routings["random"][:n_odd]
+    ref = dispatch.moe_experts(x[:n_odd], idx, weight[:n_odd], *w, method="dense")
+    with jax.set_mesh(mesh):  # the context mesh, through the model's entry point
+      out = jax.jit(lambda x, i, wt, ws: sharding.expert_parallel.moe_experts(
+          x, i, wt, *ws, method="blocked"))(x[:n_odd], idx, weight[:n_odd], w)
+    print(json.dumps({"odd_tokens": n_odd, "shape": list(out.shape),
+                      "err": float(np.max(np.abs(np.asarray(out) - np.asarray(ref))))}))
+  # activations pinned by their logical axes; a no-op without a mesh
+  act = jnp.ones((4, 6, 16))
+  names = ("batch", "length", "embed")
+  with jax.set_mesh(mesh):
+    inside = jax.jit(lambda a: sharding.shard_activation(a, names) * 2)(act)
+    small = jax.jit(lambda a: sharding.shard_activation(a, names) * 2)(act[:1])
+  outside = jax.jit(lambda a: sharding.shard_activation(a, names) * 2)(act)
+  print(json.dumps({"activation": str(inside.sharding.spec), "activation_b1":
+                    str(small.sharding.spec), "activation_outside": type(outside.sharding).__name__,
+                    "activation_ok": bool(np.all(np.asarray(inside) == 2))}))
   try:
     expert_parallel_moe(x, routings["random"], weight, *w, mesh=sharding.make_mesh(expert=8),
                         capacity_factor=0.0)
@@ -165,7 +202,9 @@ def step(process_id: int, num_processes: int, port: int) -> None:
   assert jax.device_count() == 8 and jax.process_count() == num_processes
   cfg = get_preset("tiny_v3", num_hidden_layers=2)
   tc = TrainConfig(preset="tiny_v3", warmup_steps=0)
-  mesh = sharding.make_mesh(data=2, fsdp=2, expert=2)
+  # across processes, data spans them (as it spans slices of a TPU pod)
+  mesh = sharding.make_mesh(data=2, fsdp=2, expert=2,
+                            dcn={"data": 2} if num_processes > 1 else None)
   model = sharding.create_sharded(cfg, mesh, rngs_seed=0)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tx = optim.make_optimizer(tc.optim_config())

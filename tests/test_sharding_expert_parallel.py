@@ -31,3 +31,17 @@ def test_capacity_factor_bounds_buffers_and_drops_overflow(results):
       assert r["err"] > 1e-2, r
   assert any(r["error"] == "capacity_factor=0.0: must be > 0 (or None for dropless)"
              for r in results if "error" in r)
+
+
+def test_any_token_count_through_the_context_mesh(results):
+  odd = {r["odd_tokens"]: r for r in results if "odd_tokens" in r}
+  assert sorted(odd) == [1, 13]  # 8 token shards: padded with expert-less tokens, then cut
+  for n, r in odd.items():
+    assert r["shape"] == [n, 16] and r["err"] <= 1e-5, r
+
+
+def test_shard_activation_inside_and_outside_a_mesh(results):
+  r = next(r for r in results if "activation" in r)
+  assert r["activation"] == "P('data',)"       # batch over data (fsdp is 1) on data 2 x expert 4
+  assert r["activation_b1"] == "P()"            # a batch of 1 does not split: left whole
+  assert r["activation_outside"] == "SingleDeviceSharding" and r["activation_ok"]

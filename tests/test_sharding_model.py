@@ -11,8 +11,10 @@ from sharding_worker import run as run_worker
 
 from sharding import spec_for
 
+# "scan": also the scanned layout; "ep": the routed experts through sharding.expert_parallel
 MESHES = [{"data": 8}, {"fsdp": 8}, {"data": 2, "tensor": 4},
-          {"fsdp": 2, "expert": 4, "scan": True}, {"data": 2, "expert": 2, "tensor": 2}]
+          {"fsdp": 2, "expert": 4, "scan": True}, {"data": 2, "expert": 2, "tensor": 2},
+          {"fsdp": 2, "expert": 4, "scan": True, "ep": True}]
 AXES = ("data", "fsdp", "expert", "tensor")
 
 
@@ -27,7 +29,8 @@ def _abstract_mesh(sizes):
 
 def test_every_mesh_matches_one_device(results):
   runs = [r for r in results if "mesh" in r]
-  assert len(runs) == len(MESHES) + 1  # the scanned layout once more
+  assert len(runs) == len(MESHES) + 2  # the scanned layout twice more
+  assert sum(r["ep"] for r in runs) == 2
   for r in runs:
     assert r["logits_err"] < 1e-5, r["mesh"]
     assert abs(r["loss"] - r["ref_loss"]) < 1e-5, r["mesh"]
@@ -50,7 +53,8 @@ def test_shard_shapes_follow_the_rules(results):
         e_dim = 1 if r["scan"] and path.startswith("moe_layers") else 0
         assert s["shard"][e_dim] == s["shape"][e_dim] // sizes["expert"], (sizes, path)
   # hand-written expectations for one mesh
-  r = next(r for r in results if r.get("mesh") == {"data": 2, "expert": 2, "tensor": 2})
+  r = next(r for r in results if r.get("mesh") == {"data": 2, "expert": 2, "tensor": 2}
+           and not r["scan"])
   sh = r["shards"]
   assert sh["layers.1.mlp.experts.gate_proj"]["shard"] == [4, 64, 16]    # [E/2, D, I/2]
   assert sh["layers.1.mlp.experts.down_proj"]["shard"] == [4, 16, 64]    # [E/2, I/2, D]
@@ -58,7 +62,7 @@ def test_shard_shapes_follow_the_rules(results):
   assert sh["layers.0.self_attn.q_b_proj.kernel"]["shard"] == [32, 48]   # heads over tensor
   assert sh["layers.0.self_attn.o_proj.kernel"]["shard"] == [32, 64]
   assert sh["norm.scale"]["shard"] == [64]
-  r = next(r for r in results if r.get("mesh") == {"fsdp": 8})
+  r = next(r for r in results if r.get("mesh") == {"fsdp": 8} and not r["scan"])
   assert r["shards"]["layers.0.mlp.down_proj.kernel"]["shard"] == [128, 8]  # embed over fsdp
   assert r["shards"]["layers.0.mlp.gate_proj.kernel"]["shard"] == [8, 128]
 

@@ -100,3 +100,55 @@ def test_make_mesh_fake_devices_reshape():
     sharding.make_mesh(data=3, devices=devs)
   with pytest.raises(ValueError, match="the fixed axes' product 3 does not divide the 8 devices"):
     sharding.make_mesh(data=-1, tensor=3, devices=devs)
+
+
+def test_activation_spec_leaves_out_what_does_not_split():
+  m = mesh_of(data=2, fsdp=4, tensor=2)
+  spec = sharding.activation_spec
+  assert spec(("batch", "length", "embed"), (16, 32, 64), m) == P(("data", "fsdp"), None, None)
+  assert spec(("batch", "length", "heads", None), (8, 32, 4, 16), m) == \
+      P(("data", "fsdp"), None, "tensor", None)
+  # batch 2 splits over data only; fsdp then goes to embed (its rule), which it divides
+  assert spec(("batch", "length", "embed"), (2, 1, 64), m) == P("data", None, "fsdp")
+  assert spec(("batch", "length", "vocab"), (1, 1, 7), m) == P(None, None, None)
+  with pytest.raises(ValueError, match="3 logical axes"):
+    spec(("batch", "length", "embed"), (2, 64), m)
+  x = jax.numpy.ones((2, 3))
+  assert sharding.shard_activation(x, ("batch", "embed")) is x  # no mesh: untouched
+
+
+class FakeDevice:
+  platform = "cpu"
+  device_kind = "cpu"
+
+  def __init__(self, i, slice_index=None, process_index=0):
+    self.id = i
+    self.process_index = process_index
+    if slice_index is not None:
+      self.slice_index = slice_index
+
+  def __repr__(self):
+    return f"D{self.id}"
+
+
+def test_device_grid_slices_and_processes():
+  sizes = {"data": 2, "fsdp": 2, "expert": 2, "tensor": 1}
+  # two slices of 4: data spans the slices, the other axes stay within a slice
+  devs = [FakeDevice(i, slice_index=i // 4) for i in range(8)]
+  grid = sharding.device_grid(sizes, devs[::-1])
+  assert grid.shape == (2, 2, 2, 1)
+  assert {d.slice_index for d in grid[0].flat} == {0} and {d.slice_index for d in grid[1].flat} == {1}
+  # expert across the slices instead
+  grid = sharding.device_grid(sizes, devs, dcn={"expert": 2})
+  assert all({d.slice_index for d in grid[:, :, e].flat} == {e} for e in range(2))
+  # processes as granules where devices have no slices (GPU clusters, CPU processes)
+  devs = [FakeDevice(i, process_index=i % 2) for i in range(8)]
+  grid = sharding.device_grid(sizes, devs, dcn={"data": 2})
+  assert all({d.process_index for d in grid[p].flat} == {p} for p in range(2))
+  with pytest.raises(ValueError, match=r"dcn \{'data': 4\}: its product 4 must equal the 2 "
+                     "processes"):
+    sharding.device_grid(sizes, devs, dcn={"data": 4})
+  with pytest.raises(ValueError, match=r"axes \['tensor'\] do not divide"):
+    sharding.device_grid(sizes, devs, dcn={"tensor": 2})
+  with pytest.raises(ValueError, match=r"unknown axes \['pipe'\]"):
+    sharding.device_grid(sizes, devs, dcn={"pipe": 2})
