@@ -1,5 +1,6 @@
 """The generation CLI: streamed text, timings, tokenizer choice, and `deepseek_jax.generate` callable."""
 
+import importlib
 import io
 import os
 import subprocess
@@ -37,7 +38,9 @@ def test_run_streams_the_same_text_as_generate(model_dir):
 
 
 def generation_run(model, tok, prompts, out):
-  from deepseek_jax import generate as cli  # binds deepseek_jax.generate to the CLI module
+  # `from deepseek_jax import generate` gives the function while the package attribute still is
+  # the function; the CLI module itself is always sys.modules["deepseek_jax.generate"].
+  cli = importlib.import_module("deepseek_jax.generate")
   return cli.run(model, tok, prompts, max_new_tokens=20, chunk=4, warmup=False, out=out)
 
 
