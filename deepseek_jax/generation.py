@@ -360,23 +360,18 @@ def cache_bytes(cache: Cache) -> int:
   """Bytes held by a cache's arrays."""
   return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
 
-def load_model(model_dir: str, *, dtype=jnp.float32, **config_overrides):
-  """A model from a released-layout safetensors directory or (when supported) an Orbax checkpoint."""
+def load_model(model_dir: str, *, dtype=jnp.float32, mesh=None, **config_overrides):
+  """A model from a released-layout safetensors directory or an Orbax checkpoint of ours."""
   import os
+  from deepseek_jax import checkpoint
+  from deepseek_jax.pretrained import from_pretrained
   if not os.path.isdir(model_dir):
     raise FileNotFoundError(f"--model_dir={model_dir}: not a directory")
-  try:
-    from deepseek_jax import checkpoint  # lands with the conversion work
-  except ImportError:
-    checkpoint = None
-  is_orbax = getattr(checkpoint, "is_orbax_checkpoint", None)
-  if is_orbax is not None and is_orbax(model_dir):
-    return checkpoint.restore_params(model_dir, dtype=dtype, **config_overrides)
-  if not os.path.isfile(os.path.join(model_dir, "config.json")):
+  if not (checkpoint.is_orbax_checkpoint(model_dir)
+          or os.path.isfile(os.path.join(model_dir, "config.json"))):
     raise FileNotFoundError(f"--model_dir={model_dir}: no config.json (expected a safetensors "
                             "directory with config.json, or an Orbax checkpoint)")
-  from deepseek_jax.pretrained import from_pretrained
-  return from_pretrained(model_dir, dtype=dtype, **config_overrides)
+  return from_pretrained(model_dir, dtype=dtype, mesh=mesh, **config_overrides)
 
 
 def load_tokenizer_for(model_dir: str):

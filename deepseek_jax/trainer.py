@@ -253,29 +253,12 @@ def check_inputs(tc: TrainConfig, cfg: DeepseekConfig, n_batch_shards: int) -> N
                      f"{n_batch_shards} (data_parallel x fsdp)")
 
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
-
-
 def make_mesh(tc: TrainConfig) -> jax.sharding.Mesh:
-  """The device mesh (data, fsdp, expert, tensor); the sharding package's when it exists."""
-  try:
-    from sharding import make_mesh as sharding_make_mesh  # the sharding package, when landed
-  except ImportError:
-    sharding_make_mesh = None
-  if sharding_make_mesh is not None:
-    return sharding_make_mesh(data=tc.data_parallel, fsdp=tc.fsdp, expert=tc.expert,
-                              tensor=tc.tensor)
-  devices = jax.devices()
-  other = tc.fsdp * tc.expert * tc.tensor
-  if other != 1:
-    raise ValueError(f"--fsdp={tc.fsdp} --expert={tc.expert} --tensor={tc.tensor}: model "
-                     "sharding needs the sharding package; only data parallelism is available")
-  dp = len(devices) if tc.data_parallel == -1 else tc.data_parallel
-  if dp < 1 or dp > len(devices) or len(devices) % dp:
-    raise ValueError(f"--data_parallel={tc.data_parallel}: expected -1 or a divisor of the "
-                     f"{len(devices)} devices")
-  grid = np.asarray(devices[:dp]).reshape(dp, 1, 1, 1)
-  return jax.sharding.Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4)
+  """The device mesh (data, fsdp, expert, tensor) of the --data_parallel/--fsdp/--expert/--tensor
+  flags; -1 takes what the other axes leave."""
+  import sharding
+  return sharding.make_mesh(data=tc.data_parallel, fsdp=tc.fsdp, expert=tc.expert,
+                            tensor=tc.tensor)
 
 
 def batch_sharding(mesh) -> jax.sharding.NamedSharding:
@@ -284,9 +267,25 @@ def batch_sharding(mesh) -> jax.sharding.NamedSharding:
 
 
 def state_shardings(mesh, state):
-  """Replicated train state (the sharding package's rules replace this when it lands)."""
+  """Each leaf's own sharding where it already lies on `mesh` (parameters placed by the rules,
+  optimizer moments that followed them), replicated otherwise (the step counter)."""
   rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.tree.map(lambda _: rep, state)
+
+  def keep(x):
+    s = getattr(x, "sharding", None)
+    return s if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else rep
+  return jax.tree.map(keep, state)
+
+
+def _bytes_per_device(tree) -> tuple[int, int]:
+  """(largest bytes any one device holds, total bytes) of a tree of arrays."""
+  per_device: dict[Any, int] = {}
+  total = 0
+  for x in jax.tree.leaves(tree):
+    total += x.size * x.dtype.itemsize
+    for shard in x.addressable_shards:
+      per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+  return max(per_device.values(), default=0), total
 
 
 def _checkpoint_dir(path: str) -> str:
@@ -295,23 +294,26 @@ def _checkpoint_dir(path: str) -> str:
   return sub if os.path.isdir(sub) else path
 
 
-def build_model(tc: TrainConfig, cfg: DeepseekConfig, dtype, echo):
-  """A fresh model (float32 parameters, `dtype` compute), or one loaded from --init_from."""
-  from deepseek_jax.model import DeepseekForCausalLM
+def build_model(tc: TrainConfig, cfg: DeepseekConfig, dtype, echo, mesh):
+  """A fresh model (float32 parameters, `dtype` compute), or one loaded from --init_from, with
+  every parameter placed on `mesh` by the sharding rules (created or read in its shards)."""
+  import sharding
   if not tc.init_from:
-    return DeepseekForCausalLM(cfg, dtype=dtype, param_dtype=jnp.float32,
-                               rngs=nnx.Rngs(tc.seed))
+    return sharding.create_sharded(cfg, mesh, rngs_seed=tc.seed, dtype=dtype,
+                                   param_dtype=jnp.float32)
   path = tc.init_from
   if not os.path.exists(path):
     raise FileNotFoundError(f"--init_from={path}: no such file or directory")
-  if os.path.isfile(os.path.join(path, "config.json")):
+  from deepseek_jax import checkpoint
+  if os.path.isdir(os.path.join(path, checkpoint.PARAMS_DIR)) or os.path.isfile(
+      os.path.join(path, "config.json")):
     from deepseek_jax.pretrained import from_pretrained
-    echo(f"loading released-layout weights from {path}")
+    echo(f"loading weights from {path}")
     over = {k: v for k, v in (("moe_dispatch", tc.moe_dispatch), ("scan_layers", tc.scan_layers))
             if v is not None}
-    return from_pretrained(path, dtype=dtype, param_dtype=jnp.float32, **over)
+    return from_pretrained(path, dtype=dtype, param_dtype=jnp.float32, mesh=mesh, **over)
   echo(f"loading parameters from the trainer checkpoint in {path}")
-  return load_model(path, cfg, dtype=dtype)
+  return sharding.shard_model(load_model(path, cfg, dtype=dtype), mesh)
 
 
 def load_model(workdir: str, cfg: DeepseekConfig | None = None, *, dtype=jnp.float32):
@@ -443,13 +445,13 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
 
   tx = optim.make_optimizer(tc.optim_config())
   with jax.set_mesh(mesh):
-    model = build_model(tc, cfg, dtype, echo)
+    model = build_model(tc, cfg, dtype, echo, mesh)
     cfg = model.cfg
     model.remat = tc.remat
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     del model
-    state = {"params": params, "rest": rest, "opt_state": tx.init(params),
-             "step": jnp.zeros((), jnp.int32)}
+    state = {"params": params, "rest": rest, "opt_state": jax.jit(tx.init)(params),
+             "step": jnp.zeros((), jnp.int32)}  # the moments follow the parameters' shardings
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     start = 0
@@ -469,8 +471,11 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
       return last[-1] if last else {"step": start}
 
     batch_spec = batch_sharding(mesh)
-    state = jax.device_put(state, state_shardings(mesh, state))
-    step_fn = jax.jit(make_train_step(graphdef, tx, cfg, tc), donate_argnums=(0,))
+    state_sh = state_shardings(mesh, state)
+    state = jax.device_put(state, state_sh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    step_fn = jax.jit(make_train_step(graphdef, tx, cfg, tc), donate_argnums=(0,),
+                      out_shardings=(state_sh, replicated))
     peak, peak_src = metrics_lib.peak_flops_per_device(tc.peak_flops)
     flops_tok = cfg.flops_per_token(tc.seq_len, training=True)
     n_dev = mesh.devices.size
@@ -481,6 +486,9 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
     echo(f"training {cfg.num_params(include_mtp=True):,} parameters from step {start} to "
          f"{tc.steps}: batch {tc.batch_size} x {tc.seq_len} tokens, {n_dev} device(s), "
          f"MFU peak {peak:.3g} FLOP/s per device ({peak_src})")
+    per_dev, total = _bytes_per_device(state)
+    echo(f"mesh {dict(mesh.shape)}: train state {total / 2**20:.2f} MiB, at most "
+         f"{per_dev / 2**20:.2f} MiB per device")
 
     tokens_per_step = tc.batch_size * tc.seq_len
     last: dict[str, Any] = {}

@@ -3,6 +3,7 @@
   python tests/sharding_worker.py models  MESHES_JSON      # sharded vs one device, several meshes
   python tests/sharding_worker.py ep                       # expert_parallel_moe vs dense
   python tests/sharding_worker.py step PROCESS_ID N PORT   # one training step's loss (N processes)
+  python tests/sharding_worker.py pretrained HF_DIR ORBAX_DIR  # from_pretrained(mesh=) vs one device
 
 Prints one JSON object per line; the tests read them.
 """
@@ -220,6 +221,35 @@ def step(process_id: int, num_processes: int, port: int) -> None:
                     "grad_norm": float(logs["grad_norm"])}), flush=True)
 
 
+def pretrained(hf_dir: str, orbax_dir: str) -> None:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  import sharding
+  from deepseek_jax import from_pretrained
+  from deepseek_jax.params import flat_state
+
+  one = from_pretrained(hf_dir, dtype=jnp.float32)
+  tokens = np.random.default_rng(0).integers(0, one.cfg.vocab_size, (8, 12)).astype(np.int32)
+  ref = np.asarray(jax.jit(lambda m, x: m(x))(one, tokens))
+  mesh = sharding.make_mesh(fsdp=2, expert=4)
+  for src, scan in ((hf_dir, False), (orbax_dir, False), (orbax_dir, True)):
+    model = from_pretrained(src, dtype=jnp.float32, mesh=mesh, scan_layers=scan)
+    want = sharding.model_shardings(model.cfg, mesh, scanned=scan)
+    flat = flat_state(model)
+    wrong = [p for p, v in flat.items() if not v.sharding.is_equivalent_to(want[p], v.ndim)]
+    expert_path = next(p for p in flat if ".experts." in p and "shared" not in p)
+    with jax.set_mesh(mesh):
+      toks = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, sharding.batch_spec()))
+      logits = np.asarray(jax.jit(lambda m, x: m(x))(model, toks))
+    print(json.dumps({"source": "orbax" if src == orbax_dir else "safetensors", "scan": scan,
+                      "logits_err": float(np.max(np.abs(logits - ref))), "wrong": wrong,
+                      "expert_path": expert_path, "expert_shape": list(flat[expert_path].shape),
+                      "expert_shard": list(flat[expert_path].addressable_shards[0].data.shape)}),
+          flush=True)
+
+
 if __name__ == "__main__":
   cmd = sys.argv[1]
   if cmd == "models":
@@ -228,5 +258,7 @@ if __name__ == "__main__":
     ep()
   elif cmd == "step":
     step(*map(int, sys.argv[2:5]))
+  elif cmd == "pretrained":
+    pretrained(*sys.argv[2:4])
   else:
     raise SystemExit(f"unknown command {cmd!r}")

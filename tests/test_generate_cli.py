@@ -75,3 +75,13 @@ def test_cli_end_to_end(model_dir):
                         "--prompt=Hi"], capture_output=True, text=True, env=env, timeout=120,
                        cwd=ROOT)
   assert bad.returncode != 0 and "no config.json" in bad.stderr
+
+
+def test_orbax_checkpoint_generates_like_its_source(model_dir, tmp_path):
+  from convert.to_orbax import convert
+  orbax_dir = convert(model_dir, tmp_path / "orbax", dtype=jnp.float32)
+  from_orbax = generation.load_model(str(orbax_dir))
+  from_safetensors = generation.load_model(model_dir)
+  assert from_orbax.cfg == from_safetensors.cfg
+  assert (generation.generate(from_orbax, [[3, 4, 5], [7]], 6, eos_id=-1)
+          == generation.generate(from_safetensors, [[3, 4, 5], [7]], 6, eos_id=-1))

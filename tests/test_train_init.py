@@ -1,4 +1,5 @@
-"""--init_from: a released-layout safetensors directory (loss equals transformers') or a workdir."""
+"""--init_from: a released-layout safetensors directory (loss equals transformers'), an Orbax
+checkpoint of ours, or a trainer workdir."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
+from convert.to_orbax import convert
 from deepseek_jax import data, get_preset, losses, metrics, trainer
 from deepseek_jax.tokenizer import ByteTokenizer
 from deepseek_jax.trainer import TrainConfig
@@ -24,10 +27,14 @@ def _first_batch(tmp_path, tc):
   return next(data.DataIterator(ds, tc.batch_size, tc.seed))              # [B, T+1]
 
 
-def test_init_from_released_layout_matches_transformers_loss(tmp_path):
+@pytest.mark.parametrize("source", ["safetensors", "orbax"])
+def test_init_from_released_layout_matches_transformers_loss(tmp_path, source):
   cfg = get_preset("tiny_v3")
   hf = save_hf(cfg, tmp_path / "hf")  # transformers writes no MTP tensors: we load without MTP
-  tc = TrainConfig(init_from=str(tmp_path / "hf"), workdir=str(tmp_path / "run"), **COMMON)
+  init_from = str(tmp_path / "hf")
+  if source == "orbax":  # the converted checkpoint (python -m convert.hf_to_orbax)
+    init_from = convert(init_from, tmp_path / "orbax", dtype=jnp.float32)
+  tc = TrainConfig(init_from=init_from, workdir=str(tmp_path / "run"), **COMMON)
   trainer.train(tc)
   ours = metrics.read_jsonl(str(tmp_path / "run" / "metrics.jsonl"))[0]
   assert ours["step"] == 1 and "mtp_loss_1" not in ours
