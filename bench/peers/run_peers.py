@@ -78,6 +78,35 @@ def run_peers(config_path: str = peer_common.DEFAULT_CONFIG, *, quick: bool = Fa
   return report
 
 
+def measure_ours(config_path: str, quick: bool = False) -> dict:
+  """Our forward and train step (CPU default dispatch) on the same config, timed as the peers'
+  scripts time theirs (the config's warmup and repeats, median), in this process right after
+  them."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from bench import train as train_bench
+  from deepseek_jax import DeepseekConfig
+  from deepseek_jax.model import DeepseekForCausalLM
+  doc = peer_common.load_config(config_path)
+  cfg = DeepseekConfig.from_hf(doc["hf_config"])
+  b, t = doc["batch_size"], doc["seq_len"]
+  timing = doc["timing"]
+  reps = 3 if quick else timing["repeats"]
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (b, t + 1)).astype(np.int32)
+  model = DeepseekForCausalLM(cfg, rngs=nnx.Rngs(0))
+  fwd = jax.jit(lambda m, x: m(x))
+  x = jax.numpy.asarray(tokens[:, :-1])
+  f = peer_common.median_seconds(lambda: fwd(model, x), warmup=timing["warmup"], repeats=reps,
+                                 sync=jax.block_until_ready)
+  step = train_bench.ours("auto", tokens, cfg)  # the platform default (blocked on CPU)
+  s = peer_common.median_seconds(step, warmup=timing["warmup"], repeats=reps,
+                                 sync=jax.block_until_ready)
+  return {"forward_ms": f["median_s"] * 1e3, "train_ms": s["median_s"] * 1e3,
+          "train_tokens_per_s": b * t / s["median_s"]}
+
+
 def rows(report: dict) -> list[list]:
   """One table row per peer variant: peer, variant, forward ms, train ms, train tokens/s."""
   out = []
@@ -95,7 +124,20 @@ def rows(report: dict) -> list[list]:
   return out
 
 
-def markdown(report: dict, config_path: str) -> str:
+def speedups(report: dict, ours: dict) -> list[list]:
+  """Our training tokens/s over each peer's best variant's (the 2x target)."""
+  out = []
+  for name, r in report.items():
+    res = r.get("result", {})
+    best = res.get("variants", {}).get(res.get("best") or "", {})
+    if "train_tokens_per_s" in best:
+      out.append([name, res["best"], ours["train_tokens_per_s"] / best["train_tokens_per_s"]])
+    else:
+      out.append([name, "-", "not measured"])
+  return out
+
+
+def markdown(report: dict, config_path: str, ours: dict | None = None) -> str:
   from bench import common
   with open(config_path) as f:
     doc = json.load(f)
@@ -106,8 +148,16 @@ def markdown(report: dict, config_path: str) -> str:
           f"{hf['n_shared_experts']} shared, MLA, vocab {hf['vocab_size']}, batch "
           f"{doc['batch_size']} x {doc['seq_len']}, float32, AdamW + clip. Each peer runs from its "
           "own venv under bench/.peers/, installed from PyPI by the benchmark.")
+  table = rows(report)
+  if ours is not None:
+    table.insert(0, ["deepseek-jax (ours)", "auto (platform default)", ours["forward_ms"],
+                     ours["train_ms"], ours["train_tokens_per_s"], "measured after the peers"])
   lines = [head, "", common.table(["peer", "variant", "forward ms", "train ms / step",
-                                   "train tokens/s", "note"], rows(report)), ""]
+                                   "train tokens/s", "note"], table), ""]
+  if ours is not None:
+    lines += ["Our training tokens/s over each peer's best variant (target: at least 2x):", "",
+              common.table(["peer", "its best variant", "ours / peer"], speedups(report, ours)),
+              ""]
   for name, r in report.items():
     env = r["env"]
     vers = r.get("result", {}).get("versions", {})
@@ -126,13 +176,15 @@ def main():
   ap.add_argument("--quick", action="store_true", help="only each peer's default-fastest variants")
   args = ap.parse_args()
   report = run_peers(args.config, quick=args.quick)
-  md = markdown(report, os.path.abspath(args.config))
+  ours = measure_ours(os.path.abspath(args.config), args.quick)
+  md = markdown(report, os.path.abspath(args.config), ours)
   print(md)
   from bench import common
-  ok = [r for r in rows(report) if isinstance(r[4], float)]
+  ok = [["deepseek-jax", "ours", 0, 0, ours["train_tokens_per_s"]]]
+  ok += [r for r in rows(report) if isinstance(r[4], float)]
   common.save_result("peers", {
       "config": os.path.relpath(os.path.abspath(args.config), ROOT), "report": report,
-      "markdown": md,
+      "ours": ours, "markdown": md,
       "chart": {"title": "Peers: training tokens/s, tiny V3, float32 (CPU)",
                 "labels": [f"{r[0]} {r[1]}" for r in ok], "values": [r[4] for r in ok],
                 "ylabel": "tokens/s"}})
