@@ -32,6 +32,8 @@ BENCHES = [
     ("peers", ["bench/peers/run_peers.py"], 1500, "MaxText and EasyDeL on the same config"),
     ("convert", ["bench/convert.py"], 600, "conversion throughput against raw disk reads"),
     ("kernels", ["bench/kernels.py"], 600, "grouped matmul and MLA decode kernels"),
+    ("sharding", ["bench/sharding.py"], 600,
+     "a MoE layer on 8 devices: expert parallelism vs XLA's partitioning vs one device"),
 ]
 
 

@@ -11,7 +11,9 @@ W_kv_b = [W_uk | W_uv]:
 Two equal ways to compute it:
 - expanded: materialise k_h and v_h per head (cheap for long prefills, the reference layout);
 - absorbed: fold W_uk into the query (q_lat,h = W_uk,hᵀ q_nope,h), attend over the latent itself,
-  and apply W_uv after the weighted sum; only c_kv and k_pe are ever read (decoding).
+  and apply W_uv after the weighted sum; only c_kv and k_pe are ever read (decoding). A decode
+  step (one token per sequence) can run it through the Pallas flash-decoding kernel
+  (`cfg.mla_decode`; by default on TPU).
 
 Legend: B batch, T query length, S key length, D hidden, H heads, C kv_lora_rank,
 N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim.
@@ -56,6 +58,14 @@ def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
   if k_valid is not None:
     mask = mask & k_valid[:, None, :]
   return mask[:, None]
+
+
+def use_decode_kernel(cfg: DeepseekConfig, platform: str | None = None) -> bool:
+  """Whether absorbed decode steps use the Pallas MLA kernel: `cfg.mla_decode`, where "auto" means
+  on TPU (the kernel is written for Mosaic TPU; elsewhere XLA's fused einsums serve)."""
+  if cfg.mla_decode == "auto":
+    return (platform or jax.default_backend()) == "tpu"
+  return cfg.mla_decode == "pallas"
 
 
 class MLAttention(nnx.Module):
@@ -128,6 +138,21 @@ class MLAttention(nnx.Module):
     o_lat = jnp.einsum("bhts,bsc->bthc", probs.astype(c_kv.dtype), c_kv)  # [B, T, H, C]
     return jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
 
+  def attend_decode_kernel(self, q_nope, q_pe, c_kv, k_pe, lengths) -> jax.Array:
+    """Absorbed MLA for one new token per sequence through the Pallas flash-decoding kernel
+    (`kernels_pallas.mla_decode_attention`): attends cache slots [0, lengths[b]). Returns
+    [B, 1, H, V], what `attend_absorbed` gives for the same step."""
+    from kernels_pallas import mla_decode_attention
+    from deepseek_jax.dispatch import pallas_interpret
+    w_uk, w_uv = self._w_kv_b()
+    q_lat = jnp.einsum("bhn,chn->bhc", q_nope[:, 0], w_uk)                 # [B, H, C]
+    q = jnp.concatenate([q_lat, q_pe[:, 0].astype(q_lat.dtype)], axis=-1)  # [B, H, C+R]
+    latent = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1)    # [B, S, C+R]
+    o_lat = mla_decode_attention(q, latent, lengths, kv_lora_rank=self.cfg.kv_lora_rank,
+                                 softmax_scale=self.cfg.softmax_scale,
+                                 interpret=pallas_interpret())            # [B, H, C]
+    return jnp.einsum("bhc,chv->bhv", o_lat, w_uv)[:, None]
+
   def _softmax(self, scores: jax.Array, mask: jax.Array) -> jax.Array:
     scores = jnp.where(mask, scores * self.cfg.softmax_scale, _NEG_INF)
     return jax.nn.softmax(scores, axis=-1)  # float32
@@ -157,5 +182,9 @@ class MLAttention(nnx.Module):
       slots = jnp.broadcast_to(jnp.arange(c_kv.shape[1], dtype=positions.dtype),
                                (positions.shape[0], c_kv.shape[1]))
       mask = attention_mask(positions, slots)
+      if absorb and x.shape[1] == 1 and use_decode_kernel(self.cfg):
+        # one token per sequence at positions[:, 0]: it sees slots 0 .. position (right padding)
+        o = self.attend_decode_kernel(q_nope, q_pe, c_kv, k_pe, positions[:, 0] + 1)
+        return self.output(o), cache
     attend = self.attend_absorbed if absorb else self.attend_expanded
     return self.output(attend(q_nope, q_pe, c_kv, k_pe, mask)), cache

@@ -1,8 +1,9 @@
 """DeepSeek-V2/V3/R1 architecture description, read from and written to Hugging Face `config.json`.
 
 `DeepseekConfig` holds every architecture field of the released `config.json` files
-(`model_type` deepseek_v2 and deepseek_v3) under their Hugging Face names, plus two runtime
-choices of ours (`moe_dispatch`, `scan_layers`) that are never written to `config.json`.
+(`model_type` deepseek_v2 and deepseek_v3) under their Hugging Face names, plus runtime
+choices of ours (`RUNTIME_FIELDS`: `moe_dispatch`, `mla_decode`, `scan_layers`) that are never
+written to `config.json`.
 
 Derived figures (parameter counts, KV-cache bytes, FLOPs per token) are computed from the fields,
 so presets can be checked against the published totals (671B/37B for V3, 15.7B/2.4B for V2-Lite).
@@ -24,6 +25,8 @@ SCORING_FUNCS = ("softmax", "sigmoid")
 HIDDEN_ACTS = ("silu",)
 ROPE_TYPES = ("default", "yarn")
 MOE_DISPATCHES = ("auto", "dense", "ragged", "blocked", "pallas")
+MLA_DECODES = ("auto", "xla", "pallas")
+RUNTIME_FIELDS = ("moe_dispatch", "mla_decode", "scan_layers")
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 # Keys of released or transformers-written configs that carry no architecture information (or that
@@ -90,6 +93,7 @@ class DeepseekConfig:
   seq_aux: bool = True                    # sequence-wise (True) or batch-wise balance loss
   # Runtime choices of ours; never written to config.json.
   moe_dispatch: str = "auto"              # auto | dense | ragged | blocked | pallas
+  mla_decode: str = "auto"                # auto | xla | pallas: absorbed decode-step attention
   scan_layers: bool = False               # stack identical layers and run them with nnx.scan
 
   def __post_init__(self):
@@ -117,6 +121,7 @@ class DeepseekConfig:
     need(self.hidden_act in HIDDEN_ACTS, "hidden_act", f"must be one of {HIDDEN_ACTS}")
     need(self.rope_type in ROPE_TYPES, "rope_type", f"must be one of {ROPE_TYPES}")
     need(self.moe_dispatch in MOE_DISPATCHES, "moe_dispatch", f"must be one of {MOE_DISPATCHES}")
+    need(self.mla_decode in MLA_DECODES, "mla_decode", f"must be one of {MLA_DECODES}")
     need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
     need(self.rope_theta > 0, "rope_theta", "must be positive")
     need(self.rope_factor > 0, "rope_factor", "must be positive")
@@ -251,7 +256,7 @@ class DeepseekConfig:
         raise ValueError(f"{p}: not valid JSON ({e})") from e
       if not isinstance(raw, dict):
         raise ValueError(f"{p}: expected a JSON object, got {type(raw).__name__}")
-    fields = {f.name for f in dataclasses.fields(cls)} - {"moe_dispatch", "scan_layers"}
+    fields = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS)
     kw: dict[str, Any] = {}
     for k, v in raw.items():
       if k in fields and k not in ("rope_type", "rope_factor", "beta_fast", "beta_slow", "mscale",
@@ -292,7 +297,7 @@ class DeepseekConfig:
   def to_hf(self) -> dict[str, Any]:
     """The `config.json` dict in the released layout; transformers' from_pretrained reads it."""
     d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    for k in ("moe_dispatch", "scan_layers", "rope_type", "rope_factor", "beta_fast", "beta_slow",
+    for k in (*RUNTIME_FIELDS, "rope_type", "rope_factor", "beta_fast", "beta_slow",
               "mscale", "mscale_all_dim", "original_max_position_embeddings"):
       d.pop(k)
     if d["num_key_value_heads"] is None:

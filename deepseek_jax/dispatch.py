@@ -158,12 +158,15 @@ def _ragged_dot(lhs, rhs, group_sizes):
 PALLAS_INTERPRET: bool | None = None
 
 
+def pallas_interpret() -> bool:
+  """Whether Pallas kernels (grouped matmul, MLA decode) run interpreted: PALLAS_INTERPRET, else
+  when the default backend is the CPU."""
+  return jax.default_backend() == "cpu" if PALLAS_INTERPRET is None else PALLAS_INTERPRET
+
+
 def _pallas_gmm(lhs, rhs, group_sizes):
   from kernels_pallas import gmm  # imported lazily: the kernels are optional on CPU
-  interpret = PALLAS_INTERPRET
-  if interpret is None:
-    interpret = jax.default_backend() == "cpu"
-  return gmm(lhs, rhs, group_sizes, interpret=interpret)
+  return gmm(lhs, rhs, group_sizes, interpret=pallas_interpret())
 
 
 def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, w_gate: jax.Array,

@@ -2,7 +2,10 @@
 
   python -m deepseek_jax.generate --model_dir=DIR --prompt="Hello" --max_new_tokens=64 \
       --temperature=0.7 [--top_k=50 --top_p=0.9 --seed=0 --absorb=auto --speculative]
+      [--mesh=expert=-1]
 
+`--mesh` (axis sizes as in `python -m sharding.plan`, e.g. `fsdp=2,expert=-1`) loads every
+parameter straight into its shards over the local devices and generates on that mesh.
 `--model_dir` is a released-layout safetensors directory (config.json + *.safetensors) or an Orbax
 checkpoint of ours. Text is tokenized with the directory's tokenizer.json when there is one, else
 with the built-in byte tokenizer. The decode loop runs in chunks of `--chunk` steps (one compiled
@@ -39,6 +42,8 @@ _CHUNK = flags.DEFINE_integer("chunk", 16, "Decode loop steps per streamed call.
 _MAX_LEN = flags.DEFINE_integer("max_len", None, "Cache length (default: bucketed prompt + new).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and storage dtype.")
 _BOS = flags.DEFINE_bool("bos", True, "Prepend the tokenizer's bos token when it has one.")
+_MESH = flags.DEFINE_string("mesh", None, "Shard over the devices: axis sizes such as "
+                            "'fsdp=2,expert=-1' (data, fsdp, expert, tensor; -1: the rest).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile before timing (one prefill and one step).")
 
 
@@ -94,19 +99,30 @@ def run(model, tokenizer, prompts: list[str], *, max_new_tokens: int, chunk: int
 
 def main(argv):
   del argv
+  import contextlib
+
+  import jax
   import jax.numpy as jnp
   if not _MODEL_DIR.value:
     raise app.UsageError("--model_dir is required")
   if not _PROMPT.value:
     raise app.UsageError("--prompt is required")
   dtype = jnp.float32 if _DTYPE.value == "float32" else jnp.bfloat16
-  model = generation.load_model(_MODEL_DIR.value, dtype=dtype)
+  mesh = None
+  if _MESH.value:
+    import sharding
+    try:
+      mesh = sharding.make_mesh(**sharding.parse_mesh(_MESH.value))
+    except ValueError as e:
+      raise app.UsageError(f"--mesh={_MESH.value}: {e}") from e
+  model = generation.load_model(_MODEL_DIR.value, dtype=dtype, mesh=mesh)
   tokenizer = generation.load_tokenizer_for(_MODEL_DIR.value)
   absorb = {"auto": None, "true": True, "false": False}[_ABSORB.value]
-  run(model, tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value, chunk=_CHUNK.value,
-      warmup=_WARMUP.value, bos=_BOS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-      top_p=_TOP_P.value, seed=_SEED.value, absorb=absorb, speculative=_SPECULATIVE.value,
-      max_len=_MAX_LEN.value)
+  with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
+    run(model, tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value, chunk=_CHUNK.value,
+        warmup=_WARMUP.value, bos=_BOS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+        top_p=_TOP_P.value, seed=_SEED.value, absorb=absorb, speculative=_SPECULATIVE.value,
+        max_len=_MAX_LEN.value)
 
 
 class _CallableModule(types.ModuleType):

@@ -230,9 +230,12 @@ def pretrained(hf_dir: str, orbax_dir: str) -> None:
   from deepseek_jax import from_pretrained
   from deepseek_jax.params import flat_state
 
+  from deepseek_jax import generate
   one = from_pretrained(hf_dir, dtype=jnp.float32)
   tokens = np.random.default_rng(0).integers(0, one.cfg.vocab_size, (8, 12)).astype(np.int32)
   ref = np.asarray(jax.jit(lambda m, x: m(x))(one, tokens))
+  prompts = [[5, 9, 2], [7, 1, 3, 8, 4]]
+  ref_new = generate(one, prompts, 6, eos_id=-1)
   mesh = sharding.make_mesh(fsdp=2, expert=4)
   for src, scan in ((hf_dir, False), (orbax_dir, False), (orbax_dir, True)):
     model = from_pretrained(src, dtype=jnp.float32, mesh=mesh, scan_layers=scan)
@@ -243,7 +246,8 @@ def pretrained(hf_dir: str, orbax_dir: str) -> None:
     with jax.set_mesh(mesh):
       toks = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, sharding.batch_spec()))
       logits = np.asarray(jax.jit(lambda m, x: m(x))(model, toks))
-    print(json.dumps({"source": "orbax" if src == orbax_dir else "safetensors", "scan": scan,
+      same_generation = generate(model, prompts, 6, eos_id=-1) == ref_new
+    print(json.dumps({"same_generation": same_generation, "source": "orbax" if src == orbax_dir else "safetensors", "scan": scan,
                       "logits_err": float(np.max(np.abs(logits - ref))), "wrong": wrong,
                       "expert_path": expert_path, "expert_shape": list(flat[expert_path].shape),
                       "expert_shard": list(flat[expert_path].addressable_shards[0].data.shape)}),

@@ -1,5 +1,6 @@
 """Portability: the forward pass, one training step and one decode step lower for TPU and CUDA
-from this CPU (jax.export), each with that platform's default MoE dispatch (Pallas on TPU)."""
+from this CPU (jax.export), each with that platform's default MoE dispatch and decode attention
+(the Pallas kernels on TPU)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import pytest
 from flax import nnx
 
 from deepseek_jax import dispatch, get_preset
+from deepseek_jax.attention import use_decode_kernel
 from deepseek_jax.model import DeepseekForCausalLM
 
 PLATFORMS = ["tpu", "cuda"]
@@ -30,7 +32,9 @@ def lower_for():
 
 
 def _model(platform):
+  """tiny_v3 with what "auto" picks on `platform` (this process's backend is the CPU)."""
   cfg = get_preset("tiny_v3", moe_dispatch=dispatch.default_method(platform))
+  cfg = cfg.replace(mla_decode="pallas" if use_decode_kernel(cfg, platform) else "xla")
   return cfg, DeepseekForCausalLM(cfg, rngs=nnx.Rngs(0))
 
 
@@ -68,5 +72,7 @@ def test_decode_step_lowers(platform, lower_for):
                                          with_mtp=False)
     return out.logits, out.cache
 
-  lower_for(platform, decode, state, cache, jnp.zeros((2, 1), jnp.int32),
-            jnp.full((2, 1), 5, jnp.int32))
+  text = lower_for(platform, decode, state, cache, jnp.zeros((2, 1), jnp.int32),
+                   jnp.full((2, 1), 5, jnp.int32))
+  if platform == "tpu":
+    assert 'kernel_name = "mla_decode"' in text  # the Pallas flash-decoding kernel, lowered

@@ -77,6 +77,26 @@ def test_cli_end_to_end(model_dir):
   assert bad.returncode != 0 and "no config.json" in bad.stderr
 
 
+def test_cli_on_a_two_device_mesh_prints_the_same_text(model_dir):
+  def cli(*extra, devices=1):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    res = subprocess.run(
+        [sys.executable, "-m", "deepseek_jax.generate", f"--model_dir={model_dir}",
+         "--prompt=Hello", "--max_new_tokens=12", "--nowarmup", *extra],
+        capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.split("--- prefill")[0]
+  one = cli()
+  assert one.startswith("Hello") and len(one) > len("Hello\n")
+  assert cli("--mesh=expert=-1", devices=2) == one  # experts split over 2 devices, same greedy text
+  bad = subprocess.run([sys.executable, "-m", "deepseek_jax.generate", f"--model_dir={model_dir}",
+                        "--prompt=Hi", "--mesh=experts=2"], capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), timeout=120,
+                       cwd=ROOT)
+  assert bad.returncode != 0 and "--mesh=experts=2" in bad.stderr
+
+
 def test_orbax_checkpoint_generates_like_its_source(model_dir, tmp_path):
   from convert.to_orbax import convert
   orbax_dir = convert(model_dir, tmp_path / "orbax", dtype=jnp.float32)

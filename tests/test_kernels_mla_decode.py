@@ -106,3 +106,34 @@ def test_decode_tpu_semantics_interpreter():
                              interpret=pltpu.InterpretParams(uninitialized_memory="nan"))
   want = mla_decode_reference(q, cache, lengths, kv_lora_rank=L, softmax_scale=SCALE)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), **TOL[jnp.float32])
+
+
+def test_model_decode_steps_through_the_kernel_equal_xla():
+  """The model's absorbed decode step with cfg.mla_decode="pallas" (interpreted here) gives the
+  XLA path's logits and greedy tokens, for prompts of different lengths."""
+  from flax import nnx
+
+  from deepseek_jax import generate, get_preset
+  from deepseek_jax.model import DeepseekForCausalLM
+  cfg = get_preset("tiny_v3", num_nextn_predict_layers=0)
+  models = {m: DeepseekForCausalLM(cfg.replace(mla_decode=m), rngs=nnx.Rngs(0))
+            for m in ("xla", "pallas")}
+
+  def decode_step(model, cache, tok, pos):
+    out = model.forward(tok, positions=pos, cache=cache, absorb=True, with_mtp=False)
+    return out.logits
+
+  tok = jnp.asarray([[3], [9]], jnp.int32)
+  pos = jnp.asarray([[4], [11]], jnp.int32)  # ragged: the sequences have different lengths
+  rng = np.random.default_rng(0)
+  cache = models["xla"].init_cache(2, 24)
+  cache = jax.tree.map(lambda c: jnp.asarray(rng.standard_normal(c.shape), c.dtype)
+                       if jnp.issubdtype(c.dtype, jnp.floating) else c, cache)
+  jaxprs = {m: str(jax.make_jaxpr(functools.partial(decode_step, models[m]))(cache, tok, pos))
+            for m in models}
+  assert "pallas_call" in jaxprs["pallas"] and "pallas_call" not in jaxprs["xla"]
+  logits = {m: decode_step(models[m], cache, tok, pos) for m in models}
+  np.testing.assert_allclose(logits["pallas"], logits["xla"], rtol=1e-5, atol=1e-5)
+  prompts = [[5, 9, 2], [7, 1, 3, 8, 4, 6, 2]]
+  assert (generate(models["pallas"], prompts, 6, eos_id=-1, absorb=True)
+          == generate(models["xla"], prompts, 6, eos_id=-1, absorb=True))

@@ -1,5 +1,6 @@
 """from_pretrained(mesh=...) on 8 host CPU devices (in a subprocess): a released-layout directory
-and an Orbax checkpoint load straight into the rules' shardings and give the one-device logits."""
+and an Orbax checkpoint load straight into the rules' shardings and give the one-device logits
+and greedy generations."""
 
 import jax.numpy as jnp
 from sharding_worker import run as run_worker
@@ -18,6 +19,7 @@ def test_sharded_from_pretrained_equals_one_device(tmp_path):
       ("safetensors", False), ("orbax", False), ("orbax", True)]
   for r in rows:
     assert r["logits_err"] < 1e-5, r
+    assert r["same_generation"], r  # greedy generation on the mesh gives the one-device tokens
     assert r["wrong"] == [], r  # every parameter placed as sharding.model_shardings says
     e_dim = 1 if r["scan"] else 0  # [L, E, ...] when scanned
     assert r["expert_shard"][e_dim] * 4 == r["expert_shape"][e_dim], r  # experts over expert=4
