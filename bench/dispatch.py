@@ -59,6 +59,42 @@ def measure(n: int, e: int, methods, repeats: int) -> list[dict]:
   return rows
 
 
+def breakdown(n: int, e: int, repeats: int) -> list[list]:
+  """Where `blocked` spends its forward time: the tiled matmuls alone (on already padded and
+  sorted rows) against the whole path, beside one dense matmul chain of the same useful FLOPs
+  and the same chain cut into the same tiles (lax.map over tiles, one weight for all)."""
+  x, idx, w, ws = _case(n, e)
+  m = n * K
+  tile = max(8, min(128, dispatch._round_up(-(-m // e), 8)))  # as _blocked chooses
+  num_tiles = -(-(m + e * (tile - 1)) // tile)
+  xs = jnp.asarray(np.random.RandomState(1).randn(num_tiles * tile, D), jnp.float32)
+  groups = jnp.asarray(np.minimum(np.arange(num_tiles) * e // num_tiles, e - 1), jnp.int32)
+  one = jnp.zeros((num_tiles,), jnp.int32)
+  g, u, dn = ws
+
+  def chain(a, gm, group):
+    return dispatch.tiled_gmm(jax.nn.silu(dispatch.tiled_gmm(a, gm[0], group))
+                              * dispatch.tiled_gmm(a, gm[1], group), gm[2], group)
+
+  xm = xs[:m]
+  fns = {
+      "one dense matmul chain (M rows)": (jax.jit(lambda a: jnp.dot(
+          jax.nn.silu(a @ g[0]) * (a @ u[0]), dn[0])), (xm,)),
+      "same chain in row tiles, one weight": (jax.jit(lambda a: chain(a, (g, u, dn), one)),
+                                              (xs,)),
+      "tiled matmuls, a weight per tile": (jax.jit(lambda a: chain(a, (g, u, dn), groups)),
+                                           (xs,)),
+      "whole blocked path (sort, scatter, matmuls, combine)": (
+          jax.jit(lambda *a: dispatch.moe_experts(*a, method="blocked")), (x, idx, w, *ws)),
+  }
+  t = common.time_alternating({k: (lambda f=f, a=a: f(*a)) for k, (f, a) in fns.items()},
+                              repeats=repeats, sync=jax.block_until_ready)
+  base = t["one dense matmul chain (M rows)"]
+  return [[k, v * 1e3, v / base] for k, v in t.items()] + [
+      [f"(tile {tile} rows, {num_tiles} tiles for {m} copies: {num_tiles * tile / m:.2f}x rows "
+       "after padding)", "", ""]]
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--quick", action="store_true")
@@ -69,20 +105,30 @@ def main():
   shapes = [(1024, 8), (1024, 32), (4096, 32), (4096, 64)] if not args.quick else [(1024, 16)]
   rows = []
   for n, e in shapes:
-    rows += measure(n, e, methods, repeats=3 if args.quick else 5)
+    # ragged_dot computes every group in full here (about 50x a matmul at 4096 x 32): past that
+    # size it would take minutes of the bench's budget to say so again
+    slow = n * e > 4096 * 32 and jax.default_backend() == "cpu"
+    rows += measure(n, e, [m for m in methods if not (slow and m == "ragged")],
+                    repeats=3 if args.quick else 5)
   default = dispatch.default_method()
   md = [f"D={D}, I={I}, K={K}, float32. Default on this platform: `{default}`. "
-        "`vs matmul` = time / time of one dense matmul chain with the same useful FLOPs.", "",
+        "`vs matmul` = time / time of one dense matmul chain with the same useful FLOPs. On the "
+        "CPU, ragged is left out past 4096 tokens x 32 experts (it computes every group in full).",
+        "",
         common.table(["tokens", "experts", "mode", "method", "ms", "useful GFLOP/s", "vs matmul"],
                      [[r["tokens"], r["experts"], r["mode"], r["method"], r["ms"], r["gflops"],
                        r["vs_matmul"]] for r in rows])]
-  print("\n".join(md))
   n, e = shapes[-1]
+  bd = breakdown(n, e, 3 if args.quick else 5)
+  md += ["", f"Forward-time breakdown of `blocked` at {n} tokens x {e} experts:", "",
+         common.table(["what", "ms", "x dense matmul"], bd)]
+  print("\n".join(md))
   last = [r for r in rows if (r["tokens"], r["experts"], r["mode"]) == (n, e, "forward+backward")]
   chart = {"title": f"forward+backward, {n} tokens, {e} experts (time / dense matmul)",
            "labels": [r["method"] for r in last], "values": [r["vs_matmul"] for r in last],
            "ylabel": "x the time of one dense matmul with the same useful FLOPs", "reference": 1.0}
   common.save_result("dispatch", {"rows": rows, "default": default, "markdown": "\n".join(md),
+                                  "breakdown": bd,
                                   "chart": chart,
                                   "machine": common.machine(), "versions": common.versions(),
                                   "command": "python bench/dispatch.py" + (" --quick" if args.quick else "")})

@@ -106,8 +106,8 @@ def main():
   args = ap.parse_args()
   if jax.device_count() < 8:
     raise SystemExit(f"bench/sharding.py needs 8 devices; this machine has {jax.device_count()}")
-  n, e, d, i, k = (512, 16, 128, 64, 4) if args.quick else (4096, 32, 512, 256, 4)
-  repeats = 3 if args.quick else 7
+  n, e, d, i, k = (512, 16, 128, 64, 4) if args.quick else (2048, 32, 512, 256, 4)
+  repeats = 3 if args.quick else 5
   rows = []
   for sizes in ({"expert": 8}, {"fsdp": 2, "expert": 4}, {"data": 2, "expert": 2, "tensor": 2}):
     rows += measure(sizes, n, e, d, i, k, repeats)

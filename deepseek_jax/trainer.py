@@ -520,7 +520,9 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
       for step_no in range(start + 1, tc.steps + 1):
         batch = next(it).reshape(tc.grad_accum, tc.batch_size // tc.grad_accum, tc.seq_len + 1)
         position = it.state()
-        state, logs = step_fn(state, jax.device_put(batch, batch_spec))
+        # each process transfers only the rows its own devices hold (multi-host: its share)
+        batch = jax.make_array_from_callback(batch.shape, batch_spec, lambda i, b=batch: b[i])
+        state, logs = step_fn(state, batch)
         steps_since += 1
         if pending is not None:
           read(*pending)
