@@ -63,39 +63,54 @@ def _chart(name: str) -> str | None:
 
 MISSED = """### Where targets are missed: what the measurements show, and what would close the gap
 
-- **MoE dispatch vs a dense matmul** (CPU default `blocked`). The dispatch section's breakdown
-  splits the forward time: the same matmul chain cut into row tiles (`lax.map`, one weight for
-  all) costs about 1.3x the single matmul (XLA:CPU runs each 128-row tile as its own small GEMM);
-  giving each tile its expert's weight and padding every group to whole tiles adds little; the
-  routing bookkeeping (sort, row scatter, weighted segment-sum back to the tokens) adds about
-  0.2x. The backward is worse (about 2.5x): the transposed tile products (dW per tile accumulated
-  in a loop, dX per tile) run at a lower rate than XLA's one large transposed GEMM. `ragged_dot`
-  on this jax/XLA:CPU computes every group in full (about 50x at 32 experts), and the masked
-  `dense` path does E/K times the work. What would close it: one grouped-GEMM custom call on CPU
-  (XLA:CPU has none; a Pallas CPU backend or an XLA FFI kernel would be the route), or a dropless
-  capacity path (a batched matmul over [E, C, D] buckets, with the rare overflow copies through
-  the tiles), which `bench/kernels.py` shows at about 1.4x of a matmul for the bucketed part.
-- **Training FLOP/s on the mid-size config** follows from the above: the routed experts are
-  most of the step's FLOPs, so their 2.5x forward+backward cost caps the whole step well below
-  60% of the matmul roof; the dense parts (attention projections, shared expert, head) run near
-  the roof.
+Figures move from run to run on this shared 2-core machine (the same script gave our training
+step 1.28x transformers on 2026-11-24 and 0.87-0.96x on 2026-11-29); the tables below are this
+run's.
+
+- **MoE dispatch vs a dense matmul** (CPU default `blocked`). The forward-time breakdown in the
+  dispatch section splits it: most of the gap is the tiling itself (the same matmul chain cut
+  into row tiles by `lax.map`, one weight for all, XLA:CPU running each tile as its own small
+  GEMM); giving each tile its expert's weight and padding each group to whole tiles adds a
+  little; the routing bookkeeping (sort, row scatter, weighted segment-sum back to the tokens)
+  the rest. The backward costs more than the forward: the transposed tile products (dW per tile,
+  accumulated in a loop; dX per tile) run below XLA's one large transposed GEMM. `ragged_dot` on
+  this jax/XLA:CPU computes every group in full (tens of times a matmul), and the masked `dense`
+  path does E/K times the work. What would close it: one grouped-GEMM call on CPU (XLA:CPU has
+  none; an XLA FFI kernel or a Pallas CPU backend would be the route), or a dropless capacity
+  path (a batched matmul over [E, C, D] buckets, overflow copies through the tiles), whose
+  bucketed part `bench/kernels.py` times at about 1.4x of a matmul (`capacity` rows).
+- **Training FLOP/s on the mid-size config** follows from the above: the routed experts carry
+  most of the step's FLOPs, so their forward+backward cost caps the step well below 60% of the
+  matmul roof; the dense parts (attention projections, shared expert, head) run near it.
 - **Training vs transformers and vs MaxText**: the same dispatch cost; transformers' per-expert
-  loop with index_select is near GEMM speed on the CPU for these batch sizes. MaxText's best
-  setting here is its dense (masked, all experts) MoE.
-- **Prefill vs transformers**: prefill of 512-token prompts is dominated by the routed experts
-  over thousands of tokens (the dispatch ratio above), where transformers' per-expert loop is
-  efficient; our absorbed/expanded choice only moves attention, a small share at this length.
+  loop (index_select, one GEMM per expert) is near GEMM speed on a CPU at these batch sizes.
+  MaxText's best setting here is its dense (masked, all experts) MoE.
+- **Prefill vs transformers**: 512-token prompts are dominated by the routed experts over
+  thousands of token copies (the dispatch ratio again), where transformers' per-expert loop is
+  efficient; the absorbed/expanded attention choice only moves attention, a small share here.
 - **Decode at batch 8** is bound by reading the routed experts' weights once per step (32 token
-  copies over 32 experts touch nearly all of them), which transformers pays as well; the gap is
-  per-step overhead, so the ratio stays near 3x rather than 5x here (`--decode_methods` shows
+  copies over 32 experts touch nearly all of them), which transformers pays as well, so the gap
+  is its per-step overhead: about 3x, not 5x (`python bench/generate.py --decode_methods` shows
   `blocked` the fastest dispatch for a decode step). MTP self-speculation halves the loop steps
-  when drafts are accepted, but on 2 CPU cores verifying two tokens costs nearly two steps.
-- **Conversion vs raw reads**: the disk here reads at about 2 GB/s cold; our pipeline is CPU
-  bound at about 0.3-0.5 GB/s: `load_hf` (per-tensor reads, transposes and casts) runs near 0.5
-  GB/s and the Orbax/TensorStore writes take the rest (saving alone takes more than half of the
-  conversion in-process). On a slower disk (network storage, about the read rate of the released
-  V3 files in practice) the ratio rises; closing it here would need several parameter groups
-  written concurrently and the casts done in XLA instead of NumPy.
+  when drafts are accepted; on 2 CPU cores verifying two tokens costs nearly two steps, so the
+  gain shows at batch 8 with good drafts only.
+- **Conversion vs raw reads**: this disk reads the files at about 2 GB/s cold; the pipeline is
+  CPU bound: `load_hf` (per-tensor reads, transposes and casts) runs at about a quarter of the
+  raw rate, and the Orbax/TensorStore writes take more than half of the conversion. On a slower
+  disk (network storage) the ratio rises; closing it here needs several parameter groups
+  written concurrently and the casts done in XLA rather than NumPy.
+"""
+
+
+PORTABILITY = """### Portability (checked by `make test`, not timed here)
+
+`tests/test_export.py` lowers, from this CPU with `jax.export(platforms=...)`, the forward pass,
+one training step and one decode step for `tpu` (with the Pallas grouped matmul and the MLA
+decode kernel in the module as `tpu_custom_call`s) and for `cuda` (ragged_dot dispatch, XLA
+decode attention). `tests/test_kernels_export.py` lowers each Pallas kernel for TPU; for CUDA
+they are expected to fail (strict xfail): they are written for Mosaic TPU, so on GPUs the
+defaults are `ragged` dispatch and XLA decode attention. No GPU or TPU took part in this run, so
+there are no accelerator figures (MFU, decode tokens/s, kernel throughput) here.
 """
 
 
@@ -200,7 +215,7 @@ def run(selected: list[str], quick: bool) -> str:
                            ["roof shape", roof.get("shape")]]), ""]
   head += ["## Targets", "", "From this run's results (each ratio measured within one benchmark "
            "script); the sections below hold the tables and the commands.", "",
-           common.table(["target", "wanted", "measured", "met"], targets()), "", MISSED]
+           common.table(["target", "wanted", "measured", "met"], targets()), "", MISSED, PORTABILITY]
   return "\n".join(head + sections)
 
 
