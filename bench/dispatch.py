@@ -60,9 +60,10 @@ def measure(n: int, e: int, methods, repeats: int) -> list[dict]:
 
 
 def breakdown(n: int, e: int, repeats: int) -> list[list]:
-  """Where `blocked` spends its forward time: the tiled matmuls alone (on already padded and
-  sorted rows) against the whole path, beside one dense matmul chain of the same useful FLOPs
-  and the same chain cut into the same tiles (lax.map over tiles, one weight for all)."""
+  """Where `blocked` spends its forward time: the tiled matmuls alone (over the M rows the copies
+  fill, in tiles) against the whole path (which also pads each group to whole tiles), beside one
+  dense matmul chain of the same useful FLOPs and the same chain cut into the same tiles (a loop
+  over tiles, one weight for all)."""
   x, idx, w, ws = _case(n, e)
   m = n * K
   tile = max(8, min(128, dispatch._round_up(-(-m // e), 8)))  # as _blocked chooses
@@ -72,9 +73,11 @@ def breakdown(n: int, e: int, repeats: int) -> list[list]:
   one = jnp.zeros((num_tiles,), jnp.int32)
   g, u, dn = ws
 
+  used = jnp.int32(m // tile)  # the tiles the copies fill, without the padding's extra tiles
+
   def chain(a, gm, group):
-    return dispatch.tiled_gmm(jax.nn.silu(dispatch.tiled_gmm(a, gm[0], group))
-                              * dispatch.tiled_gmm(a, gm[1], group), gm[2], group)
+    mm = lambda lhs, w: dispatch.tiled_gmm(lhs, w, group, used)  # noqa: E731
+    return mm(jax.nn.silu(mm(a, gm[0])) * mm(a, gm[1]), gm[2])
 
   xm = xs[:m]
   fns = {
@@ -84,7 +87,7 @@ def breakdown(n: int, e: int, repeats: int) -> list[list]:
                                               (xs,)),
       "tiled matmuls, a weight per tile": (jax.jit(lambda a: chain(a, (g, u, dn), groups)),
                                            (xs,)),
-      "whole blocked path (sort, scatter, matmuls, combine)": (
+      "whole blocked path (sort, row gathers, matmuls, weighted sum)": (
           jax.jit(lambda *a: dispatch.moe_experts(*a, method="blocked")), (x, idx, w, *ws)),
   }
   t = common.time_alternating({k: (lambda f=f, a=a: f(*a)) for k, (f, a) in fns.items()},

@@ -72,38 +72,49 @@ def _sorted(x, topk_idx, topk_weight, w_gate, w_up, w_down, grouped_matmul):
 
 
 @jax.custom_vjp
-def tiled_gmm(lhs: jax.Array, rhs: jax.Array, tile_group: jax.Array) -> jax.Array:
-  """Grouped matmul over row tiles: tile t of lhs [T*tile, K] times rhs[tile_group[t]] [K, N].
+def tiled_gmm(lhs: jax.Array, rhs: jax.Array, tile_group: jax.Array,
+              num_used: jax.Array) -> jax.Array:
+  """Grouped matmul over row tiles: tile t of lhs [T*tile, K] times rhs[tile_group[t]] [K, N],
+  for the first `num_used` tiles (a traced count); the rows of the other tiles come out zero.
 
-  One loop step per tile indexes its group's weight in place (no gathered copy of the weights);
-  the VJP loops the same way and accumulates the weight gradient per group.
+  One loop step per used tile indexes its group's weight in place (no gathered copy of the
+  weights), and the tiles past the used ones (the static bound's slack) cost nothing; the VJP
+  loops the same way and accumulates the weight gradient per group.
   """
-  return _tiled_fwd(lhs, rhs, tile_group)[0]
+  return _tiled_fwd(lhs, rhs, tile_group, num_used)[0]
 
 
-def _tiles(x: jax.Array, num_tiles: int) -> jax.Array:
-  return x.reshape(num_tiles, -1, x.shape[-1])
+def _tile_rows(x: jax.Array, tile_group: jax.Array) -> int:
+  return x.shape[0] // tile_group.shape[0]
 
 
-def _tiled_fwd(lhs, rhs, tile_group):
-  t = tile_group.shape[0]
-  out = jax.lax.map(lambda a: a[0] @ rhs[a[1]], (_tiles(lhs, t), tile_group))  # [T, tile, N]
-  return out.reshape(-1, rhs.shape[-1]), (lhs, rhs, tile_group)
+def _tiled_fwd(lhs, rhs, tile_group, num_used):
+  rows = _tile_rows(lhs, tile_group)
+
+  def step(t, out):  # out [T*tile, N]
+    a = jax.lax.dynamic_slice_in_dim(lhs, t * rows, rows)               # [tile, K]
+    return jax.lax.dynamic_update_slice_in_dim(out, a @ rhs[tile_group[t]], t * rows, 0)
+
+  out = jax.lax.fori_loop(0, num_used, step,
+                          jnp.zeros((lhs.shape[0], rhs.shape[-1]), lhs.dtype))
+  return out, (lhs, rhs, tile_group, num_used)
 
 
 def _tiled_bwd(res, g):
-  lhs, rhs, tile_group = res
-  t = tile_group.shape[0]
-  g_t, lhs_t = _tiles(g, t), _tiles(lhs, t)
-  d_lhs = jax.lax.map(lambda a: a[0] @ rhs[a[1]].T, (g_t, tile_group)).reshape(lhs.shape)
+  lhs, rhs, tile_group, num_used = res
+  rows = _tile_rows(lhs, tile_group)
 
-  def add_tile(d_rhs, a):
-    x, gy, grp = a
-    return d_rhs.at[grp].add(x.T @ gy), None
+  def step(t, carry):  # d_lhs [T*tile, K], d_rhs [E, K, N] float32
+    d_lhs, d_rhs = carry
+    gy = jax.lax.dynamic_slice_in_dim(g, t * rows, rows)                 # [tile, N]
+    x = jax.lax.dynamic_slice_in_dim(lhs, t * rows, rows)                # [tile, K]
+    grp = tile_group[t]
+    d_lhs = jax.lax.dynamic_update_slice_in_dim(d_lhs, gy @ rhs[grp].T, t * rows, 0)
+    return d_lhs, d_rhs.at[grp].add(x.T @ gy)
 
-  d_rhs, _ = jax.lax.scan(add_tile, jnp.zeros(rhs.shape, jnp.float32),
-                          (lhs_t, g_t, tile_group))
-  return d_lhs, d_rhs.astype(rhs.dtype), None
+  d_lhs, d_rhs = jax.lax.fori_loop(0, num_used, step, (jnp.zeros_like(lhs),
+                                                        jnp.zeros(rhs.shape, jnp.float32)))
+  return d_lhs, d_rhs.astype(rhs.dtype), None, None
 
 
 tiled_gmm.defvjp(_tiled_fwd, _tiled_bwd)
@@ -137,12 +148,19 @@ def _blocked(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
   expert_of_copy = topk_idx.reshape(-1)[order]  # [M] sorted
   rank = jnp.arange(m, dtype=jnp.int32) - (jnp.cumsum(group_sizes) - group_sizes)[expert_of_copy]
   dest = (padded_end - padded)[expert_of_copy] + rank  # [M] row in the padded layout
-  xs = jnp.zeros((num_tiles * tile, d), x.dtype).at[dest].set(x[order // k])
+  # Rows move by gathers (cheaper than row scatters on CPU, forward and backward): padded row ->
+  # its token (n: a zero row), and each token's k copies -> their padded rows.
+  src = jnp.full((num_tiles * tile,), n, jnp.int32).at[dest].set(order // k)  # [tiles*tile]
+  pos = jnp.zeros((m,), jnp.int32).at[order].set(dest).reshape(n, k)         # [N, K]
+  xs = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)])[src]                  # [tiles*tile, D]
   tile_expert = jnp.minimum(
       jnp.searchsorted(padded_end, jnp.arange(num_tiles) * tile, side="right"), e - 1)  # [tiles]
-  h = jax.nn.silu(tiled_gmm(xs, w_gate, tile_expert)) * tiled_gmm(xs, w_up, tile_expert)
-  y = tiled_gmm(h, w_down, tile_expert)  # [tiles*tile, D]
-  return combine(y[dest], order, topk_weight, n)
+  used = padded_end[-1] // tile  # tiles holding copies; the rest of the static bound is slack
+  h = (jax.nn.silu(tiled_gmm(xs, w_gate, tile_expert, used))
+       * tiled_gmm(xs, w_up, tile_expert, used))
+  y = tiled_gmm(h, w_down, tile_expert, used)  # [tiles*tile, D]
+  return jnp.einsum("nkd,nk->nd", y[pos].astype(jnp.float32),
+                    topk_weight.astype(jnp.float32)).astype(x.dtype)
 
 
 def _round_up(x: int, multiple: int) -> int:
