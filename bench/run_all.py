@@ -71,8 +71,9 @@ run's.
   dispatch section splits it: most of the gap is the tiling itself (the same matmul chain cut
   into row tiles by `lax.map`, one weight for all, XLA:CPU running each tile as its own small
   GEMM); giving each tile its expert's weight and padding each group to whole tiles adds a
-  little; the routing bookkeeping (sort, row scatter, weighted segment-sum back to the tokens)
-  the rest. The backward costs more than the forward: the transposed tile products (dW per tile,
+  little; the routing bookkeeping (sort, row gathers, the weighted sum of each token's copies)
+  the rest. At tiny widths (hidden 256, expert width 128) each tile's GEMM is a few MFLOP and the
+  per-tile cost dominates, hence the larger ratios of the 1024-token rows. The backward costs more than the forward: the transposed tile products (dW per tile,
   accumulated in a loop; dX per tile) run below XLA's one large transposed GEMM. `ragged_dot` on
   this jax/XLA:CPU computes every group in full (tens of times a matmul), and the masked `dense`
   path does E/K times the work. What would close it: one grouped-GEMM call on CPU (XLA:CPU has

@@ -8,10 +8,10 @@ Every method computes, for tokens x [N, D] each routed to K experts with weights
   costs E/K times the useful FLOPs.
 - `ragged`: token copies sorted by expert, one `jax.lax.ragged_dot` per projection; dropless.
 - `blocked`: token copies sorted by expert, each expert's group padded to a multiple of a tile;
-  every tile then belongs to one expert, so the products are one batched matmul over tiles with
-  the tile's expert weights gathered. Dropless and exact: the padding is a static bound
-  (at most E*(tile-1) rows), not a capacity. The fast path where ragged_dot is a masked dense
-  product (CPU).
+  every tile then belongs to one expert, and a loop over the filled tiles multiplies each by its
+  expert's weight, indexed in place (`tiled_gmm`, custom VJP). Dropless and exact: the padding
+  is a static bound (at most E*(tile-1) rows), not a capacity. The fast path where ragged_dot
+  is a masked dense product (CPU); a handful of copies (decoding) index their experts directly.
 - `pallas`: the same sorted layout through the Pallas grouped matmul (`kernels_pallas.gmm`).
 
 The permutation helpers (`sort_by_expert`, `combine`) are shared by every sorted path, the
