@@ -164,3 +164,18 @@ def test_other_block_sizes_follow_the_config(tmp_path):
   _, flat = load_hf(tmp_path / "q", dtype=jnp.float32)
   np.testing.assert_array_equal(np.asarray(flat["layers.0.self_attn.kv_b_proj.kernel"]),
                                 _numpy_dequant(w8, s, block).T)
+
+
+def test_from_pretrained_dequantizes_kept_fp8_like_the_release(release, tmp_path):
+  """An Orbax checkpoint that kept FP8 (weights + block scales) loads as the same float32 model
+  as the FP8 release itself: W = w * scale_inv[i // 128, o // 128] in our [in, out] layout."""
+  from deepseek_jax import from_pretrained
+  from deepseek_jax.params import flat_state
+  root, _, _ = release
+  convert(root / "fp8", tmp_path / "orbax", keep_fp8=True, dtype=jnp.float32)
+  kept = flat_state(from_pretrained(tmp_path / "orbax", dtype=jnp.float32))
+  direct = flat_state(from_pretrained(root / "fp8", dtype=jnp.float32))
+  assert set(kept) == set(direct) and not any(k.endswith("_scale_inv") for k in kept)
+  for k in direct:
+    assert kept[k].dtype == direct[k].dtype, k
+    np.testing.assert_array_equal(np.asarray(kept[k]), np.asarray(direct[k]), err_msg=k)
