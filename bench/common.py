@@ -80,6 +80,19 @@ def matmul_roof_gflops(dtype: str = "float32", sizes=((4096, 512, 1024), (2048, 
   return best
 
 
+def moe_case(n: int, e: int, d: int, i: int, k: int, seed: int = 0):
+  """A routed-experts problem: x [n, d], top-k expert ids [n, k] and weights [n, k], and float32
+  expert weights gate/up [e, d, i], down [e, i, d]."""
+  import jax.numpy as jnp
+  import numpy as np
+  r = np.random.RandomState(seed)
+  x = jnp.asarray(r.randn(n, d), jnp.float32)
+  ws = [jnp.asarray(r.randn(*s) * 0.05, jnp.float32) for s in ((e, d, i), (e, d, i), (e, i, d))]
+  idx = jnp.asarray(np.argsort(-r.randn(n, e), -1)[:, :k], jnp.int32)
+  w = jnp.asarray(r.rand(n, k), jnp.float32)
+  return x, idx, w, ws
+
+
 def save_result(name: str, result: dict) -> str:
   """Writes bench/results/<name>.json (atomically) for run_all to assemble."""
   os.makedirs(RESULTS_DIR, exist_ok=True)

@@ -22,17 +22,8 @@ from deepseek_jax import dispatch
 D, I, K = 512, 256, 4
 
 
-def _case(n, e, seed=0):
-  r = np.random.RandomState(seed)
-  x = jnp.asarray(r.randn(n, D), jnp.float32)
-  ws = [jnp.asarray(r.randn(*s) * 0.05, jnp.float32) for s in ((e, D, I), (e, D, I), (e, I, D))]
-  idx = jnp.asarray(np.argsort(-r.randn(n, e), -1)[:, :K], jnp.int32)
-  w = jnp.asarray(r.rand(n, K), jnp.float32)
-  return x, idx, w, ws
-
-
 def measure(n: int, e: int, methods, repeats: int) -> list[dict]:
-  x, idx, w, ws = _case(n, e)
+  x, idx, w, ws = common.moe_case(n, e, D, I, K)
   xs = jnp.asarray(np.random.RandomState(1).randn(n * K, D), jnp.float32)
 
   def dense_mm(a, g, u, d):  # the same useful FLOPs as one expert holding every copy
@@ -64,9 +55,9 @@ def breakdown(n: int, e: int, repeats: int) -> list[list]:
   fill, in tiles) against the whole path (which also pads each group to whole tiles), beside one
   dense matmul chain of the same useful FLOPs and the same chain cut into the same tiles (a loop
   over tiles, one weight for all)."""
-  x, idx, w, ws = _case(n, e)
+  x, idx, w, ws = common.moe_case(n, e, D, I, K)
   m = n * K
-  tile = max(8, min(128, dispatch._round_up(-(-m // e), 8)))  # as _blocked chooses
+  tile = dispatch.tile_size(m, e)
   num_tiles = -(-(m + e * (tile - 1)) // tile)
   xs = jnp.asarray(np.random.RandomState(1).randn(num_tiles * tile, D), jnp.float32)
   groups = jnp.asarray(np.minimum(np.arange(num_tiles) * e // num_tiles, e - 1), jnp.int32)

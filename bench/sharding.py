@@ -38,15 +38,6 @@ NAMES = ("layers.1.mlp.experts.gate_proj", "layers.1.mlp.experts.up_proj",
          "layers.1.mlp.experts.down_proj")
 
 
-def _case(n, e, d, i, k, seed=0):
-  r = np.random.RandomState(seed)
-  x = jnp.asarray(r.randn(n, d), jnp.float32)
-  ws = [jnp.asarray(r.randn(*s) * 0.05, jnp.float32) for s in ((e, d, i), (e, d, i), (e, i, d))]
-  idx = jnp.asarray(np.argsort(-r.randn(n, e), -1)[:, :k], jnp.int32)
-  w = jnp.asarray(r.rand(n, k), jnp.float32)
-  return x, idx, w, ws
-
-
 def _temp_bytes(fn, *args) -> int | None:
   try:
     return int(fn.lower(*args).compile().memory_analysis().temp_size_in_bytes)
@@ -55,7 +46,7 @@ def _temp_bytes(fn, *args) -> int | None:
 
 
 def measure(sizes: dict, n: int, e: int, d: int, i: int, k: int, repeats: int) -> list[dict]:
-  x, idx, w, ws = _case(n, e, d, i, k)
+  x, idx, w, ws = common.moe_case(n, e, d, i, k)
   mesh = sharding.make_mesh(**sizes)
   shardings = sharding.param_shardings(dict(zip(NAMES, ws)), mesh)
   ws_sh = [jax.device_put(a, shardings[p]) for p, a in zip(NAMES, ws)]

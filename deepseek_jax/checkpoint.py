@@ -266,8 +266,10 @@ def _restore_trainer(directory: str, cfg: DeepseekConfig, *, shardings, dtype, m
 def restore_model(directory: str | os.PathLike, *, dtype=jnp.float32, param_dtype=None,
                   **config_overrides):
   """The model of one of our checkpoints (or a trainer workdir): `dtype` compute, `param_dtype`
-  storage (default `dtype`), config fields replaced by `config_overrides`."""
-  from deepseek_jax.params import model_from_flat
-  cfg, flat = restore_params(directory, dtype=param_dtype or dtype)
-  cfg = cfg.replace(**config_overrides) if config_overrides else cfg
-  return model_from_flat(cfg, flat, dtype=dtype, param_dtype=param_dtype)
+  storage (default `dtype`), config fields replaced by `config_overrides`. The same loader as
+  `deepseek_jax.from_pretrained` (kept FP8 weights dequantized)."""
+  from deepseek_jax.pretrained import from_pretrained
+  if not is_orbax_checkpoint(directory):
+    raise FileNotFoundError(f"{directory}: not an Orbax checkpoint of ours (config.json + "
+                            f"{PARAMS_DIR}/) nor a trainer workdir")
+  return from_pretrained(directory, dtype=dtype, param_dtype=param_dtype, **config_overrides)

@@ -139,8 +139,7 @@ def _blocked(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
   m = n * k
   if m <= GATHER_MAX_COPIES:
     return _gathered(x, topk_idx, topk_weight, w_gate, w_up, w_down)
-  # A tile near one expert's average group: less padding when there are few copies per expert.
-  tile = max(8, min(tile, _round_up(-(-m // e), 8)))
+  tile = tile_size(m, e, tile)
   num_tiles = -(-(m + e * (tile - 1)) // tile)  # static bound on the padded row count
   order, group_sizes = sort_by_expert(topk_idx, e)
   padded = -(-group_sizes // tile) * tile  # [E]
@@ -161,6 +160,12 @@ def _blocked(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
   y = tiled_gmm(h, w_down, tile_expert, used)  # [tiles*tile, D]
   return jnp.einsum("nkd,nk->nd", y[pos].astype(jnp.float32),
                     topk_weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def tile_size(copies: int, experts: int, tile: int = 128) -> int:
+  """`blocked`'s tile: at most `tile` rows, near one expert's average group (a multiple of 8), so
+  that few copies per expert leave little padding."""
+  return max(8, min(tile, _round_up(-(-copies // experts), 8)))
 
 
 def _round_up(x: int, multiple: int) -> int:
