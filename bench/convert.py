@@ -39,8 +39,8 @@ from bench import common  # noqa: E402
 _CHILD = """
 import json, resource, sys, time
 import jax, jax.numpy as jnp
-from convert.load import load_hf
-from convert.to_orbax import convert
+from deepseek_jax.convert.load import load_hf
+from deepseek_jax.convert.to_orbax import convert
 tiny, src, out, what = sys.argv[1:5]
 convert(tiny, out + ".warm", dtype=jnp.bfloat16)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -69,8 +69,8 @@ def _cfg(layers: int):
 
 def generate(directory: str, cfg) -> tuple[int, int]:
   """Random float32 weights in the released layout, 200 MB shards; (bytes, largest tensor)."""
-  from convert import names
-  from convert.safetensors_io import TensorSpec, write_sharded
+  from deepseek_jax.convert import names
+  from deepseek_jax.convert.safetensors_write import TensorSpec, write_sharded
   entries = names.entries(cfg)
   specs = [TensorSpec(n, np.dtype(np.float32), e.hf_shape()) for e in entries for n in e.hf]
   rng = np.random.default_rng(0)
@@ -94,7 +94,7 @@ def evict(directory: str) -> None:
 
 
 def raw_read(directory: str) -> int:
-  from convert.safetensors_io import SafetensorsDir
+  from deepseek_jax.convert.safetensors_read import SafetensorsDir
   n = 0
   with SafetensorsDir(directory) as d:
     for k in d.keys():

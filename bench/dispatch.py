@@ -18,6 +18,7 @@ import numpy as np
 
 from bench import common
 from deepseek_jax import dispatch
+from deepseek_jax.kernels_pallas import tiled_gmm
 
 D, I, K = 512, 256, 4
 
@@ -67,7 +68,7 @@ def breakdown(n: int, e: int, repeats: int) -> list[list]:
   used = jnp.int32(m // tile)  # the tiles the copies fill, without the padding's extra tiles
 
   def chain(a, gm, group):
-    mm = lambda lhs, w: dispatch.tiled_gmm(lhs, w, group, used)  # noqa: E731
+    mm = lambda lhs, w: tiled_gmm(lhs, w, group, used)  # noqa: E731
     return mm(jax.nn.silu(mm(a, gm[0])) * mm(a, gm[1]), gm[2])
 
   xm = xs[:m]

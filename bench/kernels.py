@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from kernels_pallas import gmm, mla_decode_attention, mla_decode_reference
+from deepseek_jax.kernels_pallas import gmm, mla_decode_attention, mla_decode_reference
 
 
 def _group_sizes(m: int, e: int, seed: int = 0) -> np.ndarray:

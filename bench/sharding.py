@@ -30,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-import sharding  # noqa: E402
+from deepseek_jax import sharding  # noqa: E402
 from bench import common  # noqa: E402
 from deepseek_jax import dispatch  # noqa: E402
 

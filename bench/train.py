@@ -37,8 +37,10 @@ import numpy as np
 from flax import nnx
 
 from bench import common
-from deepseek_jax import DeepseekConfig, optim, trainer
+from deepseek_jax import DeepseekConfig, optim
 from deepseek_jax.model import DeepseekForCausalLM
+from deepseek_jax.train_config import TrainConfig
+from deepseek_jax.train_step import make_train_step
 
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers",
                        "tiny_v3_bench.json")) as _f:
@@ -52,8 +54,8 @@ MID = CFG.replace(
     kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
     n_routed_experts=32, num_experts_per_tok=4, n_group=8, topk_group=4, n_shared_experts=1,
     max_position_embeddings=2048, original_max_position_embeddings=512)
-TC = trainer.TrainConfig(learning_rate=1e-3, warmup_steps=0, mtp_weight=0.0, seq_aux_alpha=0.0,
-                         bias_update_speed=0.001, clip_norm=1.0, weight_decay=0.1)
+TC = TrainConfig(learning_rate=1e-3, warmup_steps=0, mtp_weight=0.0, seq_aux_alpha=0.0,
+                 bias_update_speed=0.001, clip_norm=1.0, weight_decay=0.1)
 
 
 def ours(method: str, tokens: np.ndarray, base: DeepseekConfig = CFG):
@@ -64,7 +66,7 @@ def ours(method: str, tokens: np.ndarray, base: DeepseekConfig = CFG):
   tx = optim.make_optimizer(TC.optim_config())
   holder = {"s": {"params": params, "rest": rest, "opt_state": tx.init(params),
                   "step": jnp.zeros((), jnp.int32)}}
-  step = jax.jit(trainer.make_train_step(graphdef, tx, cfg, TC), donate_argnums=(0,))
+  step = jax.jit(make_train_step(graphdef, tx, cfg, TC), donate_argnums=(0,))
   batch = jnp.asarray(tokens[None])  # [1, B, T+1]
   del model
 

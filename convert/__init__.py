@@ -5,6 +5,6 @@
 `convert.to_hf` and `convert.planner`.
 """
 
-from convert.load import load_hf
+from deepseek_jax.convert.load import load_hf
 
 __all__ = ["load_hf"]

@@ -4,6 +4,9 @@ A weight W [out, in] is stored as float8_e4m3fn next to `<name>_scale_inv` (floa
 [ceil(out/b0), ceil(in/b1)], b = 128×128 in the release): the real weight is
 W.astype(float32) * scale_inv[r // b0, c // b1] (partial edge blocks use their block's scale).
 Quantization divides each block by amax/448 (448 = e4m3's largest finite value).
+
+All FP8 (de)quantization lives here: numpy for the released [out, in] layout while converting,
+and `dequantize_kept` (jnp) for weights our checkpoints kept in FP8 ([..., in, out] layout).
 """
 
 from __future__ import annotations
@@ -11,10 +14,10 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-import ml_dtypes
+import jax.numpy as jnp
 import numpy as np
 
-FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
+from deepseek_jax.dtypes import FP8
 FP8_MAX = 448.0
 DEFAULT_BLOCK = (128, 128)
 SCALE_SUFFIX = "_scale_inv"
@@ -89,9 +92,32 @@ def quantize(w: np.ndarray, block: tuple[int, int] | int = DEFAULT_BLOCK) -> tup
   return q.astype(FP8), scale_inv
 
 
-# Aliases under the names the issue uses.
-quantize_fp8_blocks = quantize
-dequantize_fp8_blocks = dequantize
+def dequantize_kept(flat: Mapping[str, Any], block: tuple[int, int] = DEFAULT_BLOCK
+                    ) -> dict[str, Any]:
+  """A flat parameter dict with FP8-kept weights replaced by float32 weights (scales dropped).
+
+  Our layout stores a kept weight as float8_e4m3fn `w` [..., in, out] beside `w_scale_inv`
+  [..., ceil(in/b0), ceil(out/b1)] (the released blocks, transposed like the weight):
+    W[..., i, o] = w[..., i, o] * scale_inv[..., i // b0, o // b1].
+  Works on sharded jax arrays (the result keeps the weight's sharding).
+  """
+  out = {}
+  for path, w in flat.items():
+    if path.endswith(SCALE_SUFFIX):
+      continue
+    s = flat.get(path + SCALE_SUFFIX)
+    if s is None:
+      out[path] = w
+      continue
+    n_in, n_out = w.shape[-2:]
+    want = scale_shape((n_in, n_out), block)
+    if tuple(s.shape[-2:]) != want:
+      raise ValueError(f"parameter {path + SCALE_SUFFIX}: shape {tuple(s.shape)}, expected "
+                       f"[..., {want[0]}, {want[1]}] ({block[0]}x{block[1]} blocks of {path})")
+    scale = jnp.repeat(jnp.repeat(jnp.asarray(s, jnp.float32), block[0], axis=-2)[..., :n_in, :],
+                       block[1], axis=-1)[..., :n_out]     # [..., in, out]
+    out[path] = jnp.asarray(w).astype(jnp.float32) * scale
+  return out
 
 
 def is_quantized_name(hf_name: str) -> bool:

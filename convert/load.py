@@ -1,6 +1,7 @@
 """Streaming load of a released-layout safetensors checkpoint into (sharded) jax arrays.
 
-Each parameter is built with `jax.make_array_from_callback`: the callback reads only the piece of
+What to build comes from the caller: one target per variable (shape, dtype and sharding, from the
+abstract model and the sharding rules). Each parameter is built with `jax.make_array_from_callback`: the callback reads only the piece of
 the released tensor(s) that one device's shard needs (row-range slice reads; for stacked experts,
 only that shard's experts, one expert at a time), dequantizes FP8 blocks on the way, and hands the
 piece over in the released [out, in] layout. A jitted transpose-and-cast then produces our [in, out]
@@ -11,24 +12,24 @@ model: host memory stays within about one tensor (see `peak_host_bytes`).
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
-from typing import Any, Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert import fp8, names
-from convert.safetensors_io import SafetensorsDir, TensorInfo
-from deepseek_jax.config import DeepseekConfig
+from deepseek_jax.config import DeepseekConfig, read_config_json
+from deepseek_jax.convert import fp8, names
+from deepseek_jax.convert.safetensors_read import SafetensorsDir, TensorInfo
+from deepseek_jax.dtypes import FLOAT_NAMES as _FLOATS
+from deepseek_jax.params import variable_specs
 
 log = logging.getLogger(__name__)
 
-Shardings = Mapping[str, jax.sharding.Sharding] | Callable[[str], jax.sharding.Sharding] | None
-Progress = Callable[[str, int], None]     # (our parameter path, bytes read for it)
-_FLOATS = ("F64", "F32", "F16", "BF16")
+Targets = Mapping[str, jax.ShapeDtypeStruct]  # our path -> shape, dtype and sharding
+Progress = Callable[[str, int], None]          # (our parameter path, bytes read for it)
 
 
 def _perm(transform: str) -> tuple[int, ...] | None:
@@ -76,16 +77,11 @@ class HFCheckpoint:
     self.path = os.fspath(path)
     if not os.path.isdir(self.path):
       raise FileNotFoundError(f"{self.path}: not a directory")
-    cfg_path = os.path.join(self.path, "config.json")
-    cfg = config if config is not None else DeepseekConfig.from_hf(self.path)
     raw = {}
-    if os.path.isfile(cfg_path):
-      try:
-        with open(cfg_path, encoding="utf-8") as f:
-          raw = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
-    self.block = fp8.block_size(raw if isinstance(raw, dict) else {}) or fp8.DEFAULT_BLOCK
+    if config is None or os.path.isfile(os.path.join(self.path, "config.json")):
+      raw, source = read_config_json(self.path)  # required unless a config is given
+    cfg = config if config is not None else DeepseekConfig.from_hf(raw, _source=source)
+    self.block = fp8.block_size(raw) or fp8.DEFAULT_BLOCK
     self.files = SafetensorsDir(self.path)
     try:
       if cfg.num_nextn_predict_layers and not any(names.is_mtp_name(cfg, n)
@@ -197,12 +193,13 @@ class HFCheckpoint:
     return scales[0].T if entry.transform == names.TRANSPOSE else scales[0]
 
   # ------------------------------------------------------------------ arrays
-  def load(self, entry: names.Entry, sharding: jax.sharding.Sharding, dtype=jnp.bfloat16, *,
+  def load(self, entry: names.Entry, sharding: jax.sharding.Sharding, dtype, *,
            keep_fp8: bool = False) -> jax.Array:
-    """Our parameter `entry.ours` as a jax array with `sharding` (FP8 kept as float8 if asked)."""
+    """Our parameter `entry.ours` as a jax array of `dtype` with `sharding` (FP8 kept as float8
+    if asked)."""
     perm = _perm(entry.transform)
     hf_shape = _hf_layout_shape(entry)
-    target = jnp.float32 if entry.ours.endswith("e_score_correction_bias") else dtype
+    target = dtype
     keep = keep_fp8 and self.is_fp8(entry)
     if keep:
       target = jnp.float8_e4m3fn
@@ -238,26 +235,26 @@ class HFCheckpoint:
     self.close()
 
 
-def resolve_sharding(shardings: Shardings, mesh, path: str) -> jax.sharding.Sharding:
-  """`shardings[path]` / `shardings(path)`; else replicated over `mesh`; else the first device."""
-  if shardings is not None:
-    s = shardings(path) if callable(shardings) else shardings.get(path)
-    if s is not None:
-      return s
-    if not callable(shardings):
-      raise KeyError(f"shardings has no entry for parameter {path!r}")
-  if mesh is not None:
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+def default_targets(cfg: DeepseekConfig, dtype=jnp.bfloat16, *, scanned: bool = False
+                    ) -> dict[str, jax.ShapeDtypeStruct]:
+  """Every variable on the first device, in the dtype the abstract model gives it for `dtype`
+  (unrolled layout unless `scanned`)."""
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one)
+          for p, s in variable_specs(cfg, param_dtype=dtype, scanned=scanned).items()}
 
 
-def iter_hf(ckpt: HFCheckpoint, *, mesh=None, dtype=jnp.bfloat16, shardings: Shardings = None,
-            keep_fp8: bool = False, progress: Progress | None = None
-            ) -> Iterator[tuple[str, jax.Array]]:
-  """(path, array) per parameter in table order; FP8 kept adds `<path>_scale_inv` (our layout)."""
+def iter_hf(ckpt: HFCheckpoint, targets: Targets, *, keep_fp8: bool = False,
+            progress: Progress | None = None) -> Iterator[tuple[str, jax.Array]]:
+  """(path, array) per parameter in table order, each as its target says; FP8 kept adds
+  `<path>_scale_inv` (our layout)."""
+  missing = sorted({e.ours for e in ckpt.entries} - set(targets))
+  if missing:
+    raise KeyError(f"no target for parameters {missing[:4]}")
   for entry in ckpt.entries:
-    sharding = resolve_sharding(shardings, mesh, entry.ours)
-    yield entry.ours, ckpt.load(entry, sharding, dtype, keep_fp8=keep_fp8)
+    t = targets[entry.ours]
+    sharding = t.sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    yield entry.ours, ckpt.load(entry, sharding, t.dtype, keep_fp8=keep_fp8)
     if keep_fp8 and ckpt.is_fp8(entry):
       yield entry.ours + fp8.SCALE_SUFFIX, jax.device_put(ckpt.read_scales(entry),
                                                           _replicated_like(sharding))
@@ -273,18 +270,19 @@ def _replicated_like(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
   return jax.sharding.SingleDeviceSharding(min(sharding.device_set, key=lambda d: d.id))
 
 
-def load_hf(path: str | os.PathLike, config: DeepseekConfig | None = None, *, mesh=None,
-            dtype=jnp.bfloat16, shardings: Shardings = None, keep_fp8: bool = False,
-            progress: Progress | None = None) -> tuple[DeepseekConfig, dict[str, jax.Array]]:
+def load_hf(path: str | os.PathLike, config: DeepseekConfig | None = None, *,
+            targets: Targets | Callable[[DeepseekConfig], Targets] | None = None,
+            dtype=jnp.bfloat16, keep_fp8: bool = False, progress: Progress | None = None
+            ) -> tuple[DeepseekConfig, dict[str, jax.Array]]:
   """(config, {our dotted path: jax.Array}) of a released-layout checkpoint directory.
 
   Args:
     path: directory with `config.json` and `model.safetensors` or shards plus
       `model.safetensors.index.json`.
     config: overrides the directory's `config.json`.
-    mesh: without `shardings`, parameters are replicated over this mesh (else one device).
-    dtype: parameter dtype (the router's `e_score_correction_bias` stays float32).
-    shardings: a dict or callable: our parameter path -> `jax.sharding.Sharding`.
+    targets: {path: ShapeDtypeStruct with sharding} per variable (unrolled layout), or a function
+      of the checkpoint's config returning them; default `default_targets(cfg, dtype)`.
+    dtype: the parameter dtype of the default targets.
     keep_fp8: FP8 weights stay float8_e4m3fn (our layout) with `<path>_scale_inv` float32 block
       scales beside them ([in_blocks, out_blocks], experts [E, in_blocks, out_blocks]).
     progress: called after each parameter with (path, bytes read).
@@ -292,10 +290,9 @@ def load_hf(path: str | os.PathLike, config: DeepseekConfig | None = None, *, me
   The returned config has `num_nextn_predict_layers=0` when the checkpoint holds no MTP tensors.
   """
   with HFCheckpoint(path, config) as ckpt:
-    flat = dict(iter_hf(ckpt, mesh=mesh, dtype=dtype, shardings=shardings, keep_fp8=keep_fp8,
-                        progress=progress))
+    if targets is None:
+      targets = default_targets(ckpt.cfg, dtype)
+    elif callable(targets):
+      targets = targets(ckpt.cfg)
+    flat = dict(iter_hf(ckpt, targets, keep_fp8=keep_fp8, progress=progress))
     return ckpt.cfg, flat
-
-
-def to_numpy(flat: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  return {k: np.asarray(v) for k, v in flat.items()}

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from deepseek_jax.config import DeepseekConfig
+from deepseek_jax.params import variable_specs
 
 COPY, TRANSPOSE, EXPERTS = "copy", "transpose", "experts"
 
@@ -70,7 +71,7 @@ class Entry:
   """One of our parameters and the released tensor(s) it comes from."""
   ours: str                  # dotted path in the unrolled layout
   shape: tuple[int, ...]     # our shape
-  dtype: str                 # our dtype name ("float32" for the router bias, else the param dtype)
+  dtype: str                 # our dtype name, as the abstract model gives it
   hf: tuple[str, ...]        # one name, or E names for `experts`
   transform: str             # copy | transpose | experts
 
@@ -128,14 +129,12 @@ def _hf_for(cfg: DeepseekConfig, path: str) -> tuple[tuple[str, ...], str]:
 
 
 def entries(cfg: DeepseekConfig, *, param_dtype="float32") -> list[Entry]:
-  """Every parameter of the model for `cfg` (unrolled layout) with its released names."""
-  from deepseek_jax.params import abstract_model, flat_state
-  shapes = flat_state(abstract_model(cfg.replace(scan_layers=False)))
+  """Every variable of the model for `cfg` (unrolled layout) with its released names; shapes and
+  dtypes from the abstract model with `param_dtype`."""
   out = []
-  for path, spec in shapes.items():
+  for path, spec in variable_specs(cfg, param_dtype=param_dtype, scanned=False).items():
     hf, transform = _hf_for(cfg, path)
-    dtype = "float32" if path.endswith("e_score_correction_bias") else str(np.dtype(param_dtype))
-    out.append(Entry(path, tuple(spec.shape), dtype, hf, transform))
+    out.append(Entry(path, tuple(spec.shape), np.dtype(spec.dtype).name, hf, transform))
   return out
 
 

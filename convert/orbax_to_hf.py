@@ -1,6 +1,6 @@
 """CLI: our Orbax checkpoint (or a trainer workdir) -> the released layout (see `convert.to_hf`).
 
-  python -m convert.orbax_to_hf --checkpoint_dir=v3_orbax --output_dir=v3_hf [--max_shard_size=5GB]
+  python -m deepseek_jax.convert.orbax_to_hf --checkpoint_dir=v3_orbax --output_dir=v3_hf [--max_shard_size=5GB]
       [--fp8] [--overwrite]
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from convert.to_hf import export
+from deepseek_jax.convert.to_hf import export
 
 _CHECKPOINT_DIR = flags.DEFINE_string("checkpoint_dir", None, "Our Orbax checkpoint or a trainer workdir.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the released layout goes.")

@@ -1,13 +1,13 @@
 """CLI: the conversion plan of a config.json, touching no weights (see `convert.planner`).
 
-  python -m convert.plan --config=DeepSeek-V3/config.json [--dtype=bfloat16]
+  python -m deepseek_jax.convert.plan --config=DeepSeek-V3/config.json [--dtype=bfloat16]
 """
 
 from __future__ import annotations
 
 from absl import app, flags
 
-from convert.planner import format_plan, make_plan
+from deepseek_jax.convert.planner import format_plan, make_plan
 
 _CONFIG = flags.DEFINE_string("config", None, "A config.json (or the directory holding it).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"],

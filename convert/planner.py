@@ -9,20 +9,26 @@ is the config's `torch_dtype` (BF16 by default).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Mapping
 
 import numpy as np
 
-from convert import fp8, names
-from convert.progress import human_bytes
-from convert.safetensors_io import DTYPES
-from deepseek_jax.config import DeepseekConfig
+from deepseek_jax.convert import fp8, names
+from deepseek_jax import dtypes
+from deepseek_jax.dtypes import SAFETENSORS as DTYPES
+from deepseek_jax.config import DeepseekConfig, read_config_json
 
-_TORCH = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-_OURS = {"bfloat16": 2, "float16": 2, "float32": 4}
+def human_bytes(n: float) -> str:
+  """1234567 -> "1.2 MB" (decimal units, as the released checkpoints count them)."""
+  for unit in ("B", "KB", "MB", "GB", "TB"):
+    if abs(n) < 1000 or unit == "TB":
+      return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    n /= 1000
+  return f"{n:.1f} TB"
+
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,43 +57,36 @@ def _raw_config(config: str | os.PathLike | Mapping[str, Any] | DeepseekConfig) 
     return config.to_hf()
   if isinstance(config, Mapping):
     return dict(config)
-  p = os.fspath(config)
-  p = os.path.join(p, "config.json") if os.path.isdir(p) else p
-  if not os.path.isfile(p):
-    raise FileNotFoundError(f"{p}: no config.json there")
-  try:
-    with open(p, encoding="utf-8") as f:
-      raw = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{p}: not valid JSON ({e})") from e
-  if not isinstance(raw, dict):
-    raise ValueError(f"{p}: expected a JSON object")
-  return raw
+  return read_config_json(config)[0]
 
 
 def make_plan(config: str | os.PathLike | Mapping[str, Any] | DeepseekConfig, *,
               dtype: str = "bfloat16") -> Plan:
   """The plan for converting a checkpoint of `config` (a path, dict or DeepseekConfig)."""
-  if dtype not in _OURS:
-    raise ValueError(f"dtype={dtype!r}: expected one of {sorted(_OURS)}")
+  our_size = dtypes.from_name(dtype).itemsize
   raw = _raw_config(config)
   cfg = config if isinstance(config, DeepseekConfig) else DeepseekConfig.from_hf(raw)
   cfg = cfg.replace(scan_layers=False)
   block = fp8.block_size(raw)
-  default = _TORCH.get(str(raw.get("torch_dtype", raw.get("dtype", "bfloat16"))), "BF16")
+  torch_dtype = str(raw.get("torch_dtype", raw.get("dtype", "bfloat16")))
+  default = dtypes.safetensors_name(dtypes.BY_NAME.get(torch_dtype, dtypes.BY_NAME["bfloat16"]))
   rows: list[Row] = []
   params = hf_bytes = our_bytes = 0
   largest_ours = host_stage = host_hf = 0
-  our_size = _OURS[dtype]
-  for e in names.entries(cfg) + (names.mtp_copies(cfg) if cfg.num_nextn_predict_layers else []):
+  # The abstract model decides which variables keep float32 whatever the parameter dtype (the
+  # router bias): those are float32 in the release too.
+  entries = names.entries(cfg, param_dtype="bfloat16")
+  kept32 = {e.ours for e in entries if e.dtype == "float32"}
+  for e in entries + (names.mtp_copies(cfg) if cfg.num_nextn_predict_layers else []):
     copy = e.ours in ("embed_tokens.embedding", "lm_head.kernel") and names.is_mtp_name(cfg, e.hf[0])
-    bias = e.ours.endswith("e_score_correction_bias")
+    bias = e.ours in kept32
     our_dtype = "float32" if bias else dtype
     n = math.prod(e.shape)
+    our_item = np.dtype(our_dtype).itemsize
     if not copy:
       params += n
-      our_bytes += n * (4 if bias else our_size)
-      largest_ours = max(largest_ours, n * (4 if bias else our_size))
+      our_bytes += n * our_item
+      largest_ours = max(largest_ours, n * our_item)
     staged_size = 0
     for name in e.hf:
       shape = e.hf_shape()
@@ -107,7 +106,7 @@ def make_plan(config: str | os.PathLike | Mapping[str, Any] | DeepseekConfig, *,
       # hf_to_orbax: the staged released-layout copy (experts and FP8 cast piece by piece to the
       # target) plus the converted parameter.
       staged = our_size if (e.transform == names.EXPERTS or staged_size == 4 and block) else staged_size
-      host_stage = max(host_stage, n * (staged + (4 if bias else our_size)))
+      host_stage = max(host_stage, n * (staged + our_item))
   host_to_hf = largest_ours + host_hf
   # The group awaiting its Orbax save holds at most the largest parameter.
   return Plan(cfg, rows, params, hf_bytes, our_bytes, largest_ours + host_stage, host_to_hf)

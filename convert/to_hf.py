@@ -1,6 +1,6 @@
 """Our Orbax checkpoint (or a trainer workdir) -> the released safetensors layout.
 
-  python -m convert.orbax_to_hf --checkpoint_dir=v3_orbax --output_dir=v3_hf [--max_shard_size=5GB]
+  python -m deepseek_jax.convert.orbax_to_hf --checkpoint_dir=v3_orbax --output_dir=v3_hf [--max_shard_size=5GB]
       [--fp8] [--overwrite]
 
 Writes shards, `model.safetensors.index.json`, per-expert tensor names, `config.json` and, when the
@@ -18,11 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from convert import fp8 as fp8_lib
-from convert import names
-from convert.progress import ProgressBar
-from convert.safetensors_io import TensorSpec, write_sharded
-from deepseek_jax import checkpoint
+from deepseek_jax import checkpoint, workdir
+from deepseek_jax.convert import fp8 as fp8_lib
+from deepseek_jax.convert import names
+from deepseek_jax.convert.load import default_targets
+from deepseek_jax.convert.safetensors_write import TensorSpec, write_sharded
+from deepseek_jax.dtypes import torch_dtype_name
+from deepseek_jax.metrics import progress_bar
+from deepseek_jax.params import to_unrolled
 
 
 class _Source:
@@ -30,14 +33,20 @@ class _Source:
 
   def __init__(self, directory: str):
     self.directory = directory
-    self.cfg = checkpoint.read_config(directory)
     self._flat = None
-    if os.path.isdir(os.path.join(directory, checkpoint.PARAMS_DIR)):
+    if checkpoint.is_model_checkpoint(directory):
+      self.cfg = checkpoint.read_config(directory)
       self.meta = checkpoint.param_metadata(directory)
-    else:  # trainer workdir: restored whole (a training-sized model)
-      _, flat = checkpoint.restore_params(directory)
-      self._flat = {k: np.asarray(v) for k, v in flat.items()}
-      self.meta = {k: v for k, v in self._flat.items()}
+    elif workdir.is_workdir(directory):  # restored whole (a training-sized model)
+      cfg = workdir.read_config(directory)  # in the layout the trainer saved
+      flat = workdir.read_params(directory, default_targets(cfg, np.float32,
+                                                            scanned=cfg.scan_layers))
+      self.cfg = cfg.replace(scan_layers=False)
+      self._flat = {k: np.asarray(v) for k, v in to_unrolled(cfg, flat).items()}
+      self.meta = dict(self._flat)
+    else:
+      raise FileNotFoundError(f"{directory}: neither one of our Orbax checkpoints (config.json + "
+                              "params/) nor a trainer workdir (checkpoints/<step>/state)")
     self._cache: dict[str, np.ndarray] = {}
 
   def dtype(self, path: str) -> np.dtype:
@@ -114,18 +123,15 @@ def export(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     return w if kind == "fp8" else s
 
   hf_config: dict[str, Any] = cfg.to_hf()
-  main_dtype = src.dtype("embed_tokens.embedding")
-  hf_config["torch_dtype"] = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}.get(
-      main_dtype, "bfloat16")
+  hf_config["torch_dtype"] = torch_dtype_name(src.dtype("embed_tokens.embedding"))
   if fp8 or kept:
     hf_config["quantization_config"] = fp8_lib.quantization_config(block)
-  bar = ProgressBar(len(specs), sum(s.nbytes for s in specs), enabled=show_progress)
-  files = write_sharded(output_dir, specs, produce, max_shard_size=max_shard_size,
-                        overwrite=overwrite,
-                        extra_files={"config.json": json.dumps(hf_config, indent=2)},
-                        on_tensor=lambda s: bar.update(s.nbytes))
-  bar.close()
-  return files
+  with progress_bar(sum(s.nbytes for s in specs), enabled=show_progress, unit="B",
+                    unit_scale=True, unit_divisor=1000, desc="orbax_to_hf") as bar:
+    return write_sharded(output_dir, specs, produce, max_shard_size=max_shard_size,
+                         overwrite=overwrite,
+                         extra_files={"config.json": json.dumps(hf_config, indent=2)},
+                         on_tensor=lambda s: bar.update(s.nbytes))
 
 
 def _to_hf(e: names.Entry, value: np.ndarray) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Released-layout safetensors (FP8 included) -> our Orbax checkpoint, one tensor at a time.
 
-  python -m convert.hf_to_orbax --hf_dir=DeepSeek-V3 --output_dir=v3_orbax [--dtype=bfloat16]
+  python -m deepseek_jax.convert.hf_to_orbax --hf_dir=DeepSeek-V3 --output_dir=v3_orbax [--dtype=bfloat16]
 
 Host memory stays within a few times the largest single parameter whatever the model size: each
 parameter is read (FP8 dequantized), converted, handed to an Orbax partial save in a group of at
@@ -15,11 +15,9 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-from convert.load import HFCheckpoint, iter_hf
-from convert.progress import ProgressBar
 from deepseek_jax import checkpoint
-
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+from deepseek_jax.convert.load import HFCheckpoint, default_targets, iter_hf
+from deepseek_jax.metrics import progress_bar
 # Orbax partial saves cost ~50 ms each: groups are at least this large (a constant, so memory
 # still does not grow with the model).
 MIN_GROUP_BYTES = 64 * 2**20
@@ -33,14 +31,12 @@ def convert(hf_dir: str | os.PathLike, output_dir: str | os.PathLike, *, dtype=j
   one group written in the background while the next is read.
   """
   with HFCheckpoint(hf_dir) as ckpt:
-    itemsize = np.dtype(dtype).itemsize
-    largest = max(math.prod(e.shape) * (4 if e.ours.endswith("correction_bias") else itemsize)
-                  for e in ckpt.entries)
+    targets = default_targets(ckpt.cfg, dtype)
+    largest = max(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in targets.values())
     total = sum(ckpt.source_bytes(e) for e in ckpt.entries)
-    bar = ProgressBar(len(ckpt.entries), total, enabled=show_progress)
-    params = iter_hf(ckpt, dtype=dtype, keep_fp8=keep_fp8,
-                     progress=lambda path, nbytes: bar.update(nbytes))
-    out = checkpoint.save_params(output_dir, ckpt.cfg, params, overwrite=overwrite,
-                                 group_bytes=max(largest, MIN_GROUP_BYTES))
-    bar.close()
-    return out
+    with progress_bar(total, enabled=show_progress, unit="B", unit_scale=True,
+                      unit_divisor=1000, desc="hf_to_orbax") as bar:
+      params = iter_hf(ckpt, targets, keep_fp8=keep_fp8,
+                       progress=lambda path, nbytes: bar.update(nbytes))
+      return checkpoint.save_params(output_dir, ckpt.cfg, params, overwrite=overwrite,
+                                    group_bytes=max(largest, MIN_GROUP_BYTES))

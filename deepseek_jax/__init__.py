@@ -2,7 +2,8 @@
 
 Public contract: `from_pretrained(path, dtype=...)` returns a model; `model(input_ids)` maps int32
 [B, T] to float32 logits [B, T, vocab]; `generate(model, prompt_ids, max_new_tokens, ...)` returns
-the new token ids of each prompt.
+the new token ids of each prompt. Subpackages: `deepseek_jax.sharding` (meshes, rules, memory
+plans), `deepseek_jax.convert` (released checkpoints), `deepseek_jax.kernels_pallas` (kernels).
 """
 
 from deepseek_jax.config import DeepseekConfig

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.config import DeepseekConfig
+from deepseek_jax.kernels_pallas import mla_decode_attention
 from deepseek_jax.layers import RMSNorm, apply_rope, linear, rope_cos_sin
 
 _NEG_INF = -1e30
@@ -142,15 +143,12 @@ class MLAttention(nnx.Module):
     """Absorbed MLA for one new token per sequence through the Pallas flash-decoding kernel
     (`kernels_pallas.mla_decode_attention`): attends cache slots [0, lengths[b]). Returns
     [B, 1, H, V], what `attend_absorbed` gives for the same step."""
-    from kernels_pallas import mla_decode_attention
-    from deepseek_jax.dispatch import pallas_interpret
     w_uk, w_uv = self._w_kv_b()
     q_lat = jnp.einsum("bhn,chn->bhc", q_nope[:, 0], w_uk)                 # [B, H, C]
     q = jnp.concatenate([q_lat, q_pe[:, 0].astype(q_lat.dtype)], axis=-1)  # [B, H, C+R]
     latent = jnp.concatenate([c_kv, k_pe.astype(c_kv.dtype)], axis=-1)    # [B, S, C+R]
     o_lat = mla_decode_attention(q, latent, lengths, kv_lora_rank=self.cfg.kv_lora_rank,
-                                 softmax_scale=self.cfg.softmax_scale,
-                                 interpret=pallas_interpret())            # [B, H, C]
+                                 softmax_scale=self.cfg.softmax_scale)    # [B, H, C]
     return jnp.einsum("bhc,chv->bhv", o_lat, w_uv)[:, None]
 
   def _softmax(self, scores: jax.Array, mask: jax.Array) -> jax.Array:

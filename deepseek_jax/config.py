@@ -2,8 +2,8 @@
 
 `DeepseekConfig` holds every architecture field of the released `config.json` files
 (`model_type` deepseek_v2 and deepseek_v3) under their Hugging Face names, plus runtime
-choices of ours (`RUNTIME_FIELDS`: `moe_dispatch`, `mla_decode`, `scan_layers`) that are never
-written to `config.json`.
+choices of ours (`RUNTIME_FIELDS`: `moe_dispatch`, `mla_decode`, `scan_layers`, `remat`) that are
+never written to `config.json`. `read_config_json` is the one reader of `config.json` files.
 
 Derived figures (parameter counts, KV-cache bytes, FLOPs per token) are computed from the fields,
 so presets can be checked against the published totals (671B/37B for V3, 15.7B/2.4B for V2-Lite).
@@ -26,7 +26,7 @@ HIDDEN_ACTS = ("silu",)
 ROPE_TYPES = ("default", "yarn")
 MOE_DISPATCHES = ("auto", "dense", "ragged", "blocked", "pallas")
 MLA_DECODES = ("auto", "xla", "pallas")
-RUNTIME_FIELDS = ("moe_dispatch", "mla_decode", "scan_layers")
+RUNTIME_FIELDS = ("moe_dispatch", "mla_decode", "scan_layers", "remat")
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 # Keys of released or transformers-written configs that carry no architecture information (or that
@@ -95,6 +95,7 @@ class DeepseekConfig:
   moe_dispatch: str = "auto"              # auto | dense | ragged | blocked | pallas
   mla_decode: str = "auto"                # auto | xla | pallas: absorbed decode-step attention
   scan_layers: bool = False               # stack identical layers and run them with nnx.scan
+  remat: bool = False                     # recompute each layer's activations in the backward pass
 
   def __post_init__(self):
     self.validate()
@@ -236,26 +237,15 @@ class DeepseekConfig:
 
   # ------------------------------------------------------------------ Hugging Face config.json
   @classmethod
-  def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], **overrides) -> "DeepseekConfig":
+  def from_hf(cls, path_or_dict: str | os.PathLike | Mapping[str, Any], *, _source: str = "<dict>",
+              **overrides) -> "DeepseekConfig":
     """Reads a `config.json` (a path, a directory holding one, or a dict) in the released layout
-    (`rope_scaling` + `rope_theta`) or the one newer transformers writes (`rope_parameters`)."""
-    source = "<dict>"
+    (`rope_scaling` + `rope_theta`) or the one newer transformers writes (`rope_parameters`).
+    Errors name the file (`_source` names where a dict came from)."""
     if isinstance(path_or_dict, Mapping):
-      raw = dict(path_or_dict)
+      raw, source = dict(path_or_dict), _source
     else:
-      p = os.fspath(path_or_dict)
-      if os.path.isdir(p):
-        p = os.path.join(p, "config.json")
-      source = p
-      if not os.path.isfile(p):
-        raise FileNotFoundError(f"{p}: no config.json there")
-      try:
-        with open(p, encoding="utf-8") as f:
-          raw = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e})") from e
-      if not isinstance(raw, dict):
-        raise ValueError(f"{p}: expected a JSON object, got {type(raw).__name__}")
+      raw, source = read_config_json(path_or_dict)
     fields = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS)
     kw: dict[str, Any] = {}
     for k, v in raw.items():
@@ -324,6 +314,23 @@ class DeepseekConfig:
       json.dump(self.to_hf(), f, indent=2)
     os.replace(tmp, path)
     return path
+
+
+def read_config_json(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+  """(the JSON object, its file path) of a `config.json` file or of the directory holding one."""
+  p = os.fspath(path)
+  if os.path.isdir(p):
+    p = os.path.join(p, "config.json")
+  if not os.path.isfile(p):
+    raise FileNotFoundError(f"{p}: no config.json there")
+  try:
+    with open(p, encoding="utf-8") as f:
+      raw = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ValueError(f"{p}: not valid JSON ({e})") from e
+  if not isinstance(raw, dict):
+    raise ValueError(f"{p}: expected a JSON object, got {type(raw).__name__}")
+  return raw, p
 
 
 def _read_rope(raw: Mapping[str, Any], source: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ parallel). The model has the whole V3 architecture at toy size: MLA attention wi
 kv, DeepSeekMoE layers (8 routed experts, top-2 within 2 of 4 groups, 1 shared expert,
 auxiliary-loss-free balancing) after one dense layer, and one MTP depth. Text is UTF-8 bytes
 (the built-in byte tokenizer). The run prints the loss at the start and the end, saves a
-checkpoint, reloads it, and completes `def fibonacci(n):` with `deepseek_jax.generation.generate`
+checkpoint, reloads it, and completes `def fibonacci(n):` with `deepseek_jax.generate`
 (sampled at temperature 0.7 from the 20 likeliest bytes, fixed seed: a model this small trained
 for minutes falls into runs of spaces when decoded greedily).
 """
@@ -18,12 +18,17 @@ import sysconfig
 import tempfile
 import time
 
+import jax
+import jax.numpy as jnp
 from absl import app, flags, logging
 
 from deepseek_jax import metrics
+from deepseek_jax.generation import generate
 from deepseek_jax.presets import get_preset
+from deepseek_jax.pretrained import from_pretrained
 from deepseek_jax.tokenizer import ByteTokenizer
-from deepseek_jax.trainer import TrainConfig, load_model, train
+from deepseek_jax.train_config import TrainConfig
+from deepseek_jax.trainer import train
 
 PROMPT = "def fibonacci(n):"
 
@@ -57,8 +62,6 @@ def stdlib_dir() -> str:
 def run_demo(workdir: str, *, steps: int = 600, seq_len: int = 128, batch_per_device: int = 16,
              max_corpus_mb: int = 4, new_tokens: int = 160) -> dict:
   """Trains the demo model in `workdir` (emptied first), prints losses and a completion."""
-  import jax
-  from deepseek_jax.generation import generate
 
   workdir = os.path.abspath(workdir)
   if os.path.isdir(workdir):
@@ -89,7 +92,7 @@ def run_demo(workdir: str, *, steps: int = 600, seq_len: int = 128, batch_per_de
         f"{last['mtp_loss']:.3f}; expert-load CV {last.get('load_cv_mean', float('nan')):.2f}")
   print(f"checkpoint: {os.path.join(workdir, 'checkpoints', str(last['step']))}")
 
-  model = load_model(workdir)  # read back from the checkpoint just saved
+  model = from_pretrained(workdir, dtype=jnp.float32)  # read back from the checkpoint
   tok = ByteTokenizer()
   out = generate(model, [tok.encode(PROMPT)], new_tokens, temperature=0.7, top_k=20, seed=0,
                  eos_id=tok.eos_id)[0]

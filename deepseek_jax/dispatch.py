@@ -9,13 +9,14 @@ Every method computes, for tokens x [N, D] each routed to K experts with weights
 - `ragged`: token copies sorted by expert, one `jax.lax.ragged_dot` per projection; dropless.
 - `blocked`: token copies sorted by expert, each expert's group padded to a multiple of a tile;
   every tile then belongs to one expert, and a loop over the filled tiles multiplies each by its
-  expert's weight, indexed in place (`tiled_gmm`, custom VJP). Dropless and exact: the padding
+  expert's weight, indexed in place (`kernels_pallas.tiled_gmm`). Dropless and exact: the padding
   is a static bound (at most E*(tile-1) rows), not a capacity. The fast path where ragged_dot
   is a masked dense product (CPU); a handful of copies (decoding) index their experts directly.
 - `pallas`: the same sorted layout through the Pallas grouped matmul (`kernels_pallas.gmm`).
 
-The permutation helpers (`sort_by_expert`, `combine`) are shared by every sorted path, the
-expert-parallel one included.
+The permutation helpers (`sort_by_expert`, `combine`) are shared by every sorted path. Experts
+split over a mesh's "expert" axis go through `deepseek_jax.expert_parallel`, which runs one of
+these methods on each device's share.
 
 Legend: N tokens, K experts per token, E experts, D hidden, I expert width, M = N*K copies.
 """
@@ -24,6 +25,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from deepseek_jax.kernels_pallas import gmm, tiled_gmm
 
 METHODS = ("dense", "ragged", "blocked", "pallas")
 
@@ -36,6 +39,16 @@ def default_method(platform: str | None = None) -> str:
   if platform == "tpu":
     return "pallas"
   return "ragged" if platform in ("gpu", "cuda", "rocm") else "blocked"
+
+
+def resolve(method: str, platform: str | None = None) -> str:
+  """A configured method with "auto" replaced by `default_method` for `platform` (default: the
+  backend the model is being traced for, `jax.default_backend()`)."""
+  if method == "auto":
+    return default_method(platform)
+  if method not in METHODS:
+    raise ValueError(f"moe dispatch method {method!r}: expected auto or one of {METHODS}")
+  return method
 
 
 def sort_by_expert(topk_idx: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
@@ -69,55 +82,6 @@ def _sorted(x, topk_idx, topk_weight, w_gate, w_up, w_down, grouped_matmul):
   xs = x[order // k]  # [M, D]
   h = jax.nn.silu(grouped_matmul(xs, w_gate, group_sizes)) * grouped_matmul(xs, w_up, group_sizes)
   return combine(grouped_matmul(h, w_down, group_sizes), order, topk_weight, n)
-
-
-@jax.custom_vjp
-def tiled_gmm(lhs: jax.Array, rhs: jax.Array, tile_group: jax.Array,
-              num_used: jax.Array) -> jax.Array:
-  """Grouped matmul over row tiles: tile t of lhs [T*tile, K] times rhs[tile_group[t]] [K, N],
-  for the first `num_used` tiles (a traced count); the rows of the other tiles come out zero.
-
-  One loop step per used tile indexes its group's weight in place (no gathered copy of the
-  weights), and the tiles past the used ones (the static bound's slack) cost nothing; the VJP
-  loops the same way and accumulates the weight gradient per group.
-  """
-  return _tiled_fwd(lhs, rhs, tile_group, num_used)[0]
-
-
-def _tile_rows(x: jax.Array, tile_group: jax.Array) -> int:
-  return x.shape[0] // tile_group.shape[0]
-
-
-def _tiled_fwd(lhs, rhs, tile_group, num_used):
-  rows = _tile_rows(lhs, tile_group)
-
-  def step(t, out):  # out [T*tile, N]
-    a = jax.lax.dynamic_slice_in_dim(lhs, t * rows, rows)               # [tile, K]
-    return jax.lax.dynamic_update_slice_in_dim(out, a @ rhs[tile_group[t]], t * rows, 0)
-
-  out = jax.lax.fori_loop(0, num_used, step,
-                          jnp.zeros((lhs.shape[0], rhs.shape[-1]), lhs.dtype))
-  return out, (lhs, rhs, tile_group, num_used)
-
-
-def _tiled_bwd(res, g):
-  lhs, rhs, tile_group, num_used = res
-  rows = _tile_rows(lhs, tile_group)
-
-  def step(t, carry):  # d_lhs [T*tile, K], d_rhs [E, K, N] float32
-    d_lhs, d_rhs = carry
-    gy = jax.lax.dynamic_slice_in_dim(g, t * rows, rows)                 # [tile, N]
-    x = jax.lax.dynamic_slice_in_dim(lhs, t * rows, rows)                # [tile, K]
-    grp = tile_group[t]
-    d_lhs = jax.lax.dynamic_update_slice_in_dim(d_lhs, gy @ rhs[grp].T, t * rows, 0)
-    return d_lhs, d_rhs.at[grp].add(x.T @ gy)
-
-  d_lhs, d_rhs = jax.lax.fori_loop(0, num_used, step, (jnp.zeros_like(lhs),
-                                                        jnp.zeros(rhs.shape, jnp.float32)))
-  return d_lhs, d_rhs.astype(rhs.dtype), None, None
-
-
-tiled_gmm.defvjp(_tiled_fwd, _tiled_bwd)
 
 
 def _gathered(x, topk_idx, topk_weight, w_gate, w_up, w_down):
@@ -172,26 +136,6 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-def _ragged_dot(lhs, rhs, group_sizes):
-  return jax.lax.ragged_dot(lhs, rhs, group_sizes)
-
-
-# Run the Pallas kernel interpreted? None: when the default backend is the CPU. Exports for
-# another platform from a CPU set it to False so the real kernel is lowered.
-PALLAS_INTERPRET: bool | None = None
-
-
-def pallas_interpret() -> bool:
-  """Whether Pallas kernels (grouped matmul, MLA decode) run interpreted: PALLAS_INTERPRET, else
-  when the default backend is the CPU."""
-  return jax.default_backend() == "cpu" if PALLAS_INTERPRET is None else PALLAS_INTERPRET
-
-
-def _pallas_gmm(lhs, rhs, group_sizes):
-  from kernels_pallas import gmm  # imported lazily: the kernels are optional on CPU
-  return gmm(lhs, rhs, group_sizes, interpret=pallas_interpret())
-
-
 def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, w_gate: jax.Array,
                 w_up: jax.Array, w_down: jax.Array, *, method: str = "ragged",
                 tile: int = 128) -> jax.Array:
@@ -199,9 +143,10 @@ def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, w_gat
   if method == "dense":
     return _dense(x, topk_idx, topk_weight, w_gate, w_up, w_down)
   if method == "ragged":
-    return _sorted(x, topk_idx, topk_weight, w_gate, w_up, w_down, _ragged_dot)
+    return _sorted(x, topk_idx, topk_weight, w_gate, w_up, w_down, jax.lax.ragged_dot)
   if method == "blocked":
     return _blocked(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile)
   if method == "pallas":
-    return _sorted(x, topk_idx, topk_weight, w_gate, w_up, w_down, _pallas_gmm)
+    # the kernel is interpreted where the program is lowered for the CPU
+    return _sorted(x, topk_idx, topk_weight, w_gate, w_up, w_down, gmm)
   raise ValueError(f"moe dispatch method {method!r}: expected one of {METHODS}")

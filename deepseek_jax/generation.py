@@ -38,8 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepseek_jax.model import Cache
-from deepseek_jax.moe import MoE
+from deepseek_jax.model import Cache, replace_config
 from deepseek_jax.sampling import SamplingParams, sample
 
 # Prompts shorter than this (tokens, bucketed) are prefilled with the absorbed path (measured with
@@ -122,18 +121,12 @@ class _Static(NamedTuple):
   absorb_decode: bool
   speculative: bool
   record_logits: bool
-  moe_method: str | None
 
 
-def _merge(graphdef, state, moe_method: str | None):
+def _merge(graphdef, state):
   """The model for the current trace level (a fresh copy of the state's Variables, as NNX
   transforms such as scan_layers' nnx.scan refuse Variables made at an outer level)."""
-  model = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
-  if moe_method:
-    for _, m in model.iter_modules():
-      if isinstance(m, MoE):
-        m.method = moe_method  # a private copy: merge builds new module objects
-  return model
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
 
 
 def _emit(out, index, tokens, mask):
@@ -147,7 +140,7 @@ def _emit(out, index, tokens, mask):
 def _prefill(graphdef, state, tokens, lengths, max_new, eos_id, key, *, cache_len: int,
              new_cap: int, st: _Static) -> DecodeState:
   TRACE_COUNTS["prefill"] += 1
-  model = _merge(graphdef, state, st.moe_method)
+  model = _merge(graphdef, state)
   b, t = tokens.shape
   rows = jnp.arange(b)
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -190,7 +183,7 @@ def _decode(graphdef, state, carry: DecodeState, steps, max_new, eos_id, key, *,
 
   # The model is rebuilt inside the loop body (see `_merge`).
   def plain(s: DecodeState) -> DecodeState:
-    model = _merge(graphdef, state, st.moe_method)
+    model = _merge(graphdef, state)
     out = model.forward(s.token[:, None], positions=s.pos[:, None], cache=s.cache,
                         absorb=st.absorb_decode, with_mtp=False)
     logits = out.logits[:, 0]  # [B, V]
@@ -206,7 +199,7 @@ def _decode(graphdef, state, carry: DecodeState, steps, max_new, eos_id, key, *,
                       step=s.step + 1, logits=rec)
 
   def speculative(s: DecodeState) -> DecodeState:
-    model = _merge(graphdef, state, st.moe_method)
+    model = _merge(graphdef, state)
     pair = jnp.stack([s.token, s.draft], axis=1)  # [B, 2]
     pos2 = s.pos[:, None] + jnp.arange(2, dtype=jnp.int32)  # [B, 2]
     out = model.forward(pair, positions=pos2, cache=s.cache, absorb=st.absorb_decode,
@@ -274,11 +267,13 @@ class Generation:
       self.tokens = self.tokens[:, :self.cache_len]
     absorb_prefill = (self.tokens.shape[1] < ABSORB_PREFILL_BELOW) if absorb is None else absorb
     self.static = _Static(sampling, bool(absorb_prefill), True if absorb is None else bool(absorb),
-                          bool(speculative), bool(record_logits), moe_method)
+                          bool(speculative), bool(record_logits))
     self.max_new = int(max_new_tokens)
     eos = cfg.eos_token_id if eos_id is None else eos_id
     self.eos_id = -1 if eos is None or eos < 0 else int(eos)
     self.key = jax.random.key(seed)
+    if moe_method:  # the same weights under another config, never a mutated module
+      model = replace_config(model, moe_dispatch=moe_method)
     self.graphdef, self.state = nnx.split(model)
     self.carry: DecodeState | None = None
 
@@ -359,25 +354,3 @@ def generate(model, prompt_ids: Any, max_new_tokens: int, *, temperature: float 
 def cache_bytes(cache: Cache) -> int:
   """Bytes held by a cache's arrays."""
   return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
-
-def load_model(model_dir: str, *, dtype=jnp.float32, mesh=None, **config_overrides):
-  """A model from a released-layout safetensors directory or an Orbax checkpoint of ours."""
-  import os
-  from deepseek_jax import checkpoint
-  from deepseek_jax.pretrained import from_pretrained
-  if not os.path.isdir(model_dir):
-    raise FileNotFoundError(f"--model_dir={model_dir}: not a directory")
-  if not (checkpoint.is_orbax_checkpoint(model_dir)
-          or os.path.isfile(os.path.join(model_dir, "config.json"))):
-    raise FileNotFoundError(f"--model_dir={model_dir}: no config.json (expected a safetensors "
-                            "directory with config.json, or an Orbax checkpoint)")
-  return from_pretrained(model_dir, dtype=dtype, mesh=mesh, **config_overrides)
-
-
-def load_tokenizer_for(model_dir: str):
-  """The directory's tokenizer.json when there is one, else the built-in byte tokenizer."""
-  import os
-  from deepseek_jax.tokenizer import ByteTokenizer, load_tokenizer
-  if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
-    return load_tokenizer(model_dir)
-  return ByteTokenizer()

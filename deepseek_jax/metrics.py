@@ -1,4 +1,4 @@
-"""Training metrics: `metrics.jsonl`, TensorBoard event files, a terminal progress bar, and MFU.
+"""Training metrics: `metrics.jsonl`, TensorBoard event files, the progress bar, and MFU.
 
 `metrics.jsonl` holds one JSON object per logged step; `step` and `loss` are a public contract.
 The same scalars go to TensorBoard event files (tensorboardX) under `<workdir>/tensorboard`.
@@ -12,6 +12,8 @@ import os
 import sys
 import time
 from typing import Any, Mapping
+
+import tqdm
 
 # ------------------------------------------------------------------------------------ JSONL
 
@@ -80,29 +82,12 @@ class EventFileWriter:
 # ------------------------------------------------------------------------------------ progress
 
 
-class ProgressBar:
-  """A one-line bar on a terminal (stderr); silent when stderr is not a terminal."""
-
-  def __init__(self, total: int, start: int = 0, enabled: bool | None = None):
-    self.total, self.start = total, start
-    self.enabled = sys.stderr.isatty() if enabled is None else enabled
-    self._shown = False
-
-  def update(self, step: int, loss: float, tokens_per_s: float) -> None:
-    if not self.enabled:
-      return
-    frac = step / max(self.total, 1)
-    bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-    sys.stderr.write(f"\r[{bar}] {step}/{self.total} loss {loss:.4f} "
-                     f"{tokens_per_s:,.0f} tok/s ")
-    sys.stderr.flush()
-    self._shown = True
-
-  def clear(self) -> None:
-    if self._shown:
-      sys.stderr.write("\n")
-      sys.stderr.flush()
-      self._shown = False
+def progress_bar(total: int, *, initial: int = 0, enabled: bool | None = None, **kw):
+  """A tqdm bar on stderr (items or, with unit="B", bytes; rate and ETA), shown when `enabled`
+  (default: when stderr is a terminal). The one progress bar of training and conversion."""
+  enabled = sys.stderr.isatty() if enabled is None else enabled
+  return tqdm.tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr,
+                   dynamic_ncols=True, **kw)
 
 
 # ------------------------------------------------------------------------------------ MFU

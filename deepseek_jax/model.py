@@ -2,7 +2,9 @@
 
 Layer i is dense (SwiGLU) unless `cfg.is_moe_layer(i)`. With `cfg.scan_layers` the dense layers
 and the MoE layers are each stacked along a leading axis and run with `nnx.scan` (equal outputs,
-one compiled body per kind).
+one compiled body per kind); with `cfg.remat` each layer is recomputed in the backward pass.
+The runtime fields of the config (MoE dispatch, decode attention, remat) are read when the model
+runs; `replace_config` gives the same weights under other runtime choices.
 
 Multi-token prediction (DeepSeek-V3 section 2.2), depth k = 1..num_nextn_predict_layers:
   h^0_t   = the main model's final hidden state at t (after the final norm, as the public serving
@@ -22,12 +24,14 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.attention import LayerCache, MLAttention, init_layer_cache
-from deepseek_jax.config import DeepseekConfig
+from deepseek_jax.config import RUNTIME_FIELDS, DeepseekConfig
 from deepseek_jax.layers import MLP, RMSNorm, linear
 from deepseek_jax.moe import MoE, RouterOutput
 
@@ -136,7 +140,7 @@ class DeepseekForCausalLM(nnx.Module):
                rngs: nnx.Rngs):
     self.cfg = cfg
     self.dtype = dtype
-    self.remat = False  # rematerialise each layer in the backward pass (set by the trainer)
+    self.param_dtype = param_dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                   param_dtype=param_dtype,
@@ -188,7 +192,7 @@ class DeepseekForCausalLM(nnx.Module):
     new_cache: list[LayerCache] = []
     if self.cfg.scan_layers:
       for j, stack in enumerate(self.stacks()):
-        x, r, c = _scan_stack(stack, x, positions, k_valid, absorb, self.remat,
+        x, r, c = _scan_stack(stack, x, positions, k_valid, absorb, self.cfg.remat,
                               None if cache is None else cache[j])
         new_cache.append(c)
         if r is not None:
@@ -196,7 +200,7 @@ class DeepseekForCausalLM(nnx.Module):
       return x, tuple(routers), tuple(new_cache)
     for i, layer in enumerate(self.layers):
       c = None if cache is None else cache[i]
-      if self.remat:
+      if self.cfg.remat:
         x, r, c = nnx.remat(lambda l, h, c: l(h, positions, k_valid, absorb, c))(layer, x, c)
       else:
         x, r, c = layer(x, positions, k_valid, absorb, c)
@@ -239,3 +243,22 @@ class DeepseekForCausalLM(nnx.Module):
   def __call__(self, input_ids: jax.Array, **kw) -> jax.Array:
     """Float32 logits [B, T, V] for int input_ids [B, T]."""
     return self.forward(input_ids, with_mtp=False, **kw).logits
+
+
+@functools.lru_cache(maxsize=32)
+def _graphdef(cfg: DeepseekConfig, dtype, param_dtype):
+  return nnx.split(nnx.eval_shape(lambda: DeepseekForCausalLM(
+      cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0))))[0]
+
+
+def replace_config(model: DeepseekForCausalLM, **runtime) -> DeepseekForCausalLM:
+  """A model over the same arrays (not copied) whose config has other runtime fields
+  (`moe_dispatch`, `mla_decode`, `remat`); the given model is left as it is."""
+  bad = sorted(set(runtime) - (set(RUNTIME_FIELDS) - {"scan_layers"}))
+  if bad:
+    raise ValueError(f"replace_config: {bad} are not runtime fields that keep the parameter "
+                     f"layout (allowed: {sorted(set(RUNTIME_FIELDS) - {'scan_layers'})})")
+  cfg = model.cfg.replace(**runtime)
+  if cfg == model.cfg:
+    return model
+  return nnx.merge(_graphdef(cfg, model.dtype, model.param_dtype), nnx.state(model))

@@ -28,6 +28,7 @@ from flax import nnx
 
 from deepseek_jax import dispatch
 from deepseek_jax.config import DeepseekConfig
+from deepseek_jax.expert_parallel import routed_experts
 from deepseek_jax.layers import MLP, dense_init
 
 
@@ -87,21 +88,25 @@ class Router(nnx.Module):
 
 
 class RoutedExperts(nnx.Module):
-  """E SwiGLU experts stored stacked: gate_proj, up_proj [E, D, I]; down_proj [E, I, D]."""
+  """E SwiGLU experts stored stacked: gate_proj, up_proj [E, D, I]; down_proj [E, I, D].
+
+  Dispatched by `cfg.moe_dispatch`, read when the layer runs ("auto": by the platform it is
+  traced for), through the expert-parallel exchange when the active mesh splits experts."""
 
   def __init__(self, cfg: DeepseekConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     init = dense_init(cfg)
+    self.cfg = cfg
     self.dtype = dtype
     self.gate_proj = nnx.Param(init(rngs.params(), (e, d, i), param_dtype))
     self.up_proj = nnx.Param(init(rngs.params(), (e, d, i), param_dtype))
     self.down_proj = nnx.Param(init(rngs.params(), (e, i, d), param_dtype))
 
-  def __call__(self, x: jax.Array, route_out: RouterOutput, method: str) -> jax.Array:
+  def __call__(self, x: jax.Array, route_out: RouterOutput) -> jax.Array:  # x [N, D]
     w = [p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-    return dispatch.moe_experts(x.astype(self.dtype), route_out.topk_idx, route_out.topk_weight,
-                                *w, method=method)
+    return routed_experts(x.astype(self.dtype), route_out.topk_idx, route_out.topk_weight, *w,
+                          method=dispatch.resolve(self.cfg.moe_dispatch))
 
 
 class MoE(nnx.Module):
@@ -110,7 +115,6 @@ class MoE(nnx.Module):
   def __init__(self, cfg: DeepseekConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     self.cfg = cfg
-    self.method = dispatch.default_method() if cfg.moe_dispatch == "auto" else cfg.moe_dispatch
     self.gate = Router(cfg, param_dtype=param_dtype, rngs=rngs)
     self.experts = RoutedExperts(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if cfg.n_shared_experts:
@@ -120,7 +124,7 @@ class MoE(nnx.Module):
   def __call__(self, x: jax.Array) -> tuple[jax.Array, RouterOutput]:  # x [B, T, D]
     flat = x.reshape(-1, x.shape[-1])  # [N, D]
     r = self.gate(flat)
-    y = self.experts(flat, r, self.method).reshape(x.shape)
+    y = self.experts(flat, r).reshape(x.shape)
     if self.cfg.n_shared_experts:
       y = y + self.shared_experts(x)
     lead = x.shape[:-1]

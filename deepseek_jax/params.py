@@ -1,4 +1,9 @@
-"""Parameters as flat {dotted path: array} dicts: read from, write into, and build models.
+"""Parameters as flat {dotted path: array} dicts, and the abstract model that decides them.
+
+The abstract model (`abstract_model`, shapes only) is the one variable policy: every variable's
+shape and dtype (the router bias float32 because its module creates it so, everything else
+`param_dtype`), and with `variable_specs(..., mesh)` its sharding under the rules. Readers fill
+what it describes; `model_from_flat` builds the model around filled values.
 
 The unrolled layout (`layers.{i}.…`) is the exchange format of conversion and checkpoints;
 `to_scanned` / `to_unrolled` move between it and the stacked layout of `scan_layers`
@@ -7,7 +12,8 @@ The unrolled layout (`layers.{i}.…`) is the exchange format of conversion and 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+import functools
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -15,54 +21,83 @@ import numpy as np
 from flax import nnx
 
 from deepseek_jax.config import DeepseekConfig
+from deepseek_jax.model import DeepseekForCausalLM
+
+STACKS = ("dense_layers", "moe_layers")
 
 
-def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+# ------------------------------------------------------------------------------ trees
+def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  """Nested dict -> {dotted path: leaf}; a flat dict passes through."""
   out = {}
   for k, v in tree.items():
     key = f"{prefix}{k}"
     if isinstance(v, Mapping):
-      out.update(_flatten(v, key + "."))
+      out.update(flatten(v, key + "."))
     else:
       out[key] = v
   return out
 
 
-def _unflatten(flat: Mapping[str, Any]) -> dict:
+def unflatten(flat: Mapping[str, Any], *, int_keys: bool = False) -> dict:
+  """{dotted path: leaf} -> nested dict (string keys, as Orbax wants; `int_keys` turns numeric
+  parts into ints, as NNX's pure dicts have them). Raises on a path that runs through a leaf."""
   tree: dict = {}
   for path, v in flat.items():
     node = tree
-    parts = [int(p) if p.isdigit() else p for p in path.split(".")]
+    parts = [int(p) if int_keys and p.isdigit() else p for p in path.split(".")]
     for p in parts[:-1]:
       node = node.setdefault(p, {})
+      if not isinstance(node, dict):
+        raise ValueError(f"parameter path {path!r} runs through a leaf")
+    if parts[-1] in node:
+      raise ValueError(f"parameter path {path!r} given twice or is a prefix of another")
     node[parts[-1]] = v
   return tree
 
 
 def flat_state(model: nnx.Module) -> dict[str, Any]:
   """Every variable of the model (parameters and router biases) by dotted path."""
-  return _flatten(nnx.to_pure_dict(nnx.state(model)))
+  return flatten(nnx.to_pure_dict(nnx.state(model)))
 
 
-def abstract_model(cfg: DeepseekConfig, *, dtype=jnp.float32, param_dtype=jnp.float32):
-  """The model's structure with shapes only (nothing allocated)."""
-  from deepseek_jax.model import DeepseekForCausalLM
+# ------------------------------------------------------------------------------ the abstract model
+def abstract_model(cfg: DeepseekConfig, *, dtype=jnp.float32, param_dtype=None):
+  """The model's structure with shapes and dtypes only (nothing allocated)."""
+  param_dtype = param_dtype or dtype
   return nnx.eval_shape(lambda: DeepseekForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
                                                     rngs=nnx.Rngs(0)))
 
 
-def model_from_flat(cfg: DeepseekConfig, flat: Mapping[str, Any], *, dtype=jnp.float32,
-                    param_dtype=None) -> nnx.Module:
-  """Builds the model around given parameters (unrolled layout; stacked here if cfg.scan_layers).
+def variable_specs(cfg: DeepseekConfig, *, param_dtype=jnp.float32, scanned: bool | None = None,
+                   shardings: Mapping[str, jax.sharding.Sharding] | None = None
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """{path: ShapeDtypeStruct} of every variable, in the stacked layout when `scanned` (default:
+  cfg.scan_layers), each with its entry of `shardings` when given (see `sharding.model_shardings`)."""
+  scanned = cfg.scan_layers if scanned is None else scanned
+  shardings = shardings or {}
+  return {p: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings.get(p))
+          for p, shape, dtype in _shapes(cfg.replace(scan_layers=scanned),
+                                         np.dtype(param_dtype).name)}
 
-  Every variable must be present with its exact shape; nothing is initialised randomly.
-  """
+
+@functools.lru_cache(maxsize=16)
+def _shapes(cfg: DeepseekConfig, param_dtype: str) -> tuple[tuple[str, tuple, np.dtype], ...]:
+  """(path, shape, dtype) of every variable (cached: the full V3 takes seconds to trace)."""
+  state = flat_state(abstract_model(cfg, param_dtype=np.dtype(param_dtype)))
+  return tuple((p, tuple(v.shape), np.dtype(v.dtype)) for p, v in state.items())
+
+
+def model_from_flat(cfg: DeepseekConfig, flat: Mapping[str, Any], *, dtype=jnp.float32,
+                    param_dtype=None) -> DeepseekForCausalLM:
+  """Builds the model around given values (unrolled layout; stacked here if cfg.scan_layers),
+  each cast to the dtype the abstract model gives it. Every variable must be present with its
+  exact shape; nothing is initialised randomly."""
   param_dtype = param_dtype or dtype
-  if cfg.scan_layers:
+  if cfg.scan_layers and not any(p.startswith(STACKS) for p in flat):
     flat = to_scanned(cfg, flat)
-  abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
-  graphdef, state = nnx.split(abstract)
-  want = _flatten(nnx.to_pure_dict(state))
+  graphdef, state = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype))
+  want = flatten(nnx.to_pure_dict(state))
   missing = sorted(set(want) - set(flat))
   extra = sorted(set(flat) - set(want))
   if missing or extra:
@@ -74,30 +109,26 @@ def model_from_flat(cfg: DeepseekConfig, flat: Mapping[str, Any], *, dtype=jnp.f
     v = flat[path]
     if tuple(v.shape) != tuple(spec.shape):
       raise ValueError(f"parameter {path}: shape {tuple(v.shape)}, expected {tuple(spec.shape)}")
-    target = spec.dtype if path.endswith("e_score_correction_bias") else param_dtype
-    values[path] = v if isinstance(v, jax.Array) and v.dtype == target else jnp.asarray(v, target)
-  nnx.replace_by_pure_dict(state, _unflatten(values))
+    values[path] = v if isinstance(v, jax.Array) and v.dtype == spec.dtype else jnp.asarray(
+        v, spec.dtype)
+  nnx.replace_by_pure_dict(state, unflatten(values, int_keys=True))
   return nnx.merge(graphdef, state)
 
 
-def _stack_split(cfg: DeepseekConfig) -> Callable[[int], tuple[str, int]]:
+# ------------------------------------------------------------------------------ layouts
+def _stack_of(cfg: DeepseekConfig, i: int) -> tuple[str, int]:
   n_dense = cfg.num_dense_layers
-
-  def where(i: int) -> tuple[str, int]:
-    return ("dense_layers", i) if i < n_dense else ("moe_layers", i - n_dense)
-
-  return where
+  return ("dense_layers", i) if i < n_dense else ("moe_layers", i - n_dense)
 
 
 def to_scanned(cfg: DeepseekConfig, flat: Mapping[str, Any]) -> dict[str, Any]:
   """`layers.{i}.rest` -> `dense_layers.rest` / `moe_layers.rest` stacked along axis 0."""
-  where = _stack_split(cfg)
   groups: dict[str, dict[int, Any]] = {}
   out = {}
   for path, v in flat.items():
     if path.startswith("layers."):
       _, i, rest = path.split(".", 2)
-      stack, j = where(int(i))
+      stack, j = _stack_of(cfg, int(i))
       groups.setdefault(f"{stack}.{rest}", {})[j] = v
     else:
       out[path] = v
@@ -114,7 +145,7 @@ def to_unrolled(cfg: DeepseekConfig, flat: Mapping[str, Any]) -> dict[str, Any]:
   out = {}
   for path, v in flat.items():
     stack, _, rest = path.partition(".")
-    if stack in ("dense_layers", "moe_layers"):
+    if stack in STACKS:
       offset = 0 if stack == "dense_layers" else n_dense
       for j in range(v.shape[0]):
         out[f"layers.{j + offset}.{rest}"] = v[j]

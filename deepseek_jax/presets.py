@@ -25,21 +25,18 @@ _V2_LITE = _V2.replace(
     routed_scaling_factor=1.0, aux_loss_alpha=0.001)
 
 # Tiny models for tests and demos: every architectural feature on, every size small.
-_TINY_V3 = _V3.replace(
+_TINY = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
     num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
-    qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=1,
-    num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
-    rope_factor=4.0, original_max_position_embeddings=64, max_position_embeddings=256,
-    mscale=1.0, mscale_all_dim=1.0, num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=1)
+    qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+    num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, rope_factor=4.0,
+    original_max_position_embeddings=64, max_position_embeddings=256, bos_token_id=0,
+    eos_token_id=1)
 
-_TINY_V2 = _V2.replace(
-    vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-    num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
-    qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_shared_experts=2,
-    num_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=2.0,
-    first_k_dense_replace=1, rope_factor=4.0, original_max_position_embeddings=64,
-    max_position_embeddings=256, bos_token_id=0, eos_token_id=1)
+_TINY_V3 = _V3.replace(**_TINY, n_shared_experts=1, mscale=1.0, mscale_all_dim=1.0,
+                       num_nextn_predict_layers=1)
+
+_TINY_V2 = _V2.replace(**_TINY, n_shared_experts=2, routed_scaling_factor=2.0)
 
 _TINY_V2_LITE = _TINY_V2.replace(
     q_lora_rank=None, n_group=1, topk_group=1, topk_method="greedy", routed_scaling_factor=1.0)

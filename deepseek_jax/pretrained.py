@@ -1,89 +1,109 @@
-"""`from_pretrained`: a released-layout safetensors directory or one of our Orbax checkpoints ->
-model, on one device or placed on a mesh by the sharding rules while it is read."""
+"""`from_pretrained`: the one function that returns a model from disk.
+
+Three layouts are read, each by a flat reader that returns {dotted path: array} and never builds
+a model: a released-layout safetensors directory (`convert.load.load_hf`; FP8 block scales
+dequantized), one of our Orbax model checkpoints (`checkpoint.read_params`), and a trainer workdir
+(`workdir.read_params`, its latest step). The abstract model decides every variable's shape and
+dtype, the sharding rules its placement on `mesh`; the readers fill exactly that.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax import checkpoint, workdir
 from deepseek_jax.config import DeepseekConfig
-from deepseek_jax.params import model_from_flat
+from deepseek_jax.convert import fp8
+from deepseek_jax.convert.load import load_hf
+from deepseek_jax.model import DeepseekForCausalLM
+from deepseek_jax.params import model_from_flat, to_scanned, to_unrolled, variable_specs
+from deepseek_jax.sharding.shard import model_shardings
+
+SAFETENSORS, ORBAX, WORKDIR = "safetensors", "orbax", "workdir"
 
 
-def _dequantize_kept_fp8(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """FP8 weights kept by the converter (`keep_fp8`) -> float32.
-
-  Our layout stores a kept weight as float8_e4m3fn `w` [..., in, out] beside `w_scale_inv`
-  [..., ceil(in/128), ceil(out/128)]; the float weight is
-    W[..., i, o] = w[..., i, o] * scale_inv[..., i // 128, o // 128],
-  the released 128 x 128 blocks (DeepSeek-V3 `weight_block_size`).
-  """
-  from convert import fp8
-  block = fp8.DEFAULT_BLOCK
-  out = {}
-  for path, w in flat.items():
-    if path.endswith(fp8.SCALE_SUFFIX):
-      continue
-    s = flat.get(path + fp8.SCALE_SUFFIX)
-    if s is None:
-      out[path] = w
-      continue
-    n_in, n_out = w.shape[-2:]
-    want = fp8.scale_shape((n_in, n_out), block)
-    if tuple(s.shape[-2:]) != want:
-      raise ValueError(f"parameter {path + fp8.SCALE_SUFFIX}: shape {tuple(s.shape)}, expected "
-                       f"[..., {want[0]}, {want[1]}] ({block[0]}x{block[1]} blocks of {path})")
-    scale = jnp.repeat(jnp.repeat(s.astype(jnp.float32), block[0], axis=-2)[..., :n_in, :],
-                       block[1], axis=-1)[..., :n_out]     # [..., in, out]
-    out[path] = w.astype(jnp.float32) * scale
-  return out
-
-
-def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None,
-                    rules=None, **config_overrides):
-  """The model stored in `path`.
-
-  `path` is a released-layout directory (`config.json` plus `model.safetensors` or shards with
-  `model.safetensors.index.json`; FP8 block-scaled weights are dequantized) or an Orbax checkpoint
-  of ours (`python -m convert.hf_to_orbax`, or a trainer workdir).
-
-  `dtype` is the compute dtype and, unless `param_dtype` says otherwise, the storage dtype.
-  `mesh` (a `jax.sharding.Mesh` with axes data/fsdp/expert/tensor, see `sharding.make_mesh`)
-  places every parameter by `rules` (default `sharding.DEFAULT_RULES`) as it is read: each device
-  reads only its own shard, so no host ever holds the whole model. With `scan_layers=True` the
-  per-layer arrays are then stacked on the mesh (transiently twice the layer weights).
-  `config_overrides` replace config fields (e.g. `moe_dispatch="dense"`, `scan_layers=True`).
-  """
-  from deepseek_jax import checkpoint
+def checkpoint_layout(path: str | os.PathLike) -> str:
+  """"safetensors", "orbax" (ours) or "workdir" (a trainer's); FileNotFoundError naming `path`
+  and what was expected otherwise."""
   path = os.fspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path}: not a directory")
+  if checkpoint.is_model_checkpoint(path):
+    return ORBAX
+  if workdir.is_workdir(path):
+    return WORKDIR
+  if os.path.isfile(os.path.join(path, "config.json")):
+    return SAFETENSORS
+  raise FileNotFoundError(
+      f"{path}: not a model directory (expected config.json with safetensors, one of our Orbax "
+      "checkpoints (config.json + params/), or a trainer workdir (checkpoints/<step>/state))")
+
+
+def read_model_config(path: str | os.PathLike) -> DeepseekConfig:
+  """The config stored with a checkpoint of any of the three layouts."""
+  layout = checkpoint_layout(path)
+  if layout == WORKDIR:
+    return workdir.read_config(path)
+  return DeepseekConfig.from_hf(path)
+
+
+def _targets(cfg: DeepseekConfig, param_dtype, mesh, rules, scanned: bool):
+  """{path: ShapeDtypeStruct} of every variable in one layout, sharded on `mesh` by the rules
+  (or on the first device)."""
+  if mesh is None:
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    specs = variable_specs(cfg, param_dtype=param_dtype, scanned=scanned)
+    return {p: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=one) for p, s in specs.items()}
+  shardings = model_shardings(cfg, mesh, rules, scanned=scanned)
+  return variable_specs(cfg, param_dtype=param_dtype, scanned=scanned, shardings=shardings)
+
+
+def _relayout(cfg: DeepseekConfig, flat, scanned_from: bool, targets):
+  """Stacks (or unstacks) layers into the model's layout, placed as `targets` say."""
+  if scanned_from == cfg.scan_layers:
+    return flat
+  move = to_scanned if cfg.scan_layers else to_unrolled
+  shardings = {p: t.sharding for p, t in targets.items()}
+  return jax.jit(lambda f: move(cfg, f), out_shardings=shardings)(flat)
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None,
+                    rules=None, **config_overrides) -> DeepseekForCausalLM:
+  """The model stored in `path`.
+
+  `path` is a released-layout directory (`config.json` plus `model.safetensors` or shards with
+  `model.safetensors.index.json`; FP8 block-scaled weights are dequantized), an Orbax checkpoint
+  of ours (`python -m deepseek_jax.convert.hf_to_orbax`), or a trainer workdir (its latest step).
+
+  `dtype` is the compute dtype and, unless `param_dtype` says otherwise, the storage dtype.
+  `mesh` (a `jax.sharding.Mesh` with axes data/fsdp/expert/tensor, see `sharding.make_mesh`)
+  places every variable by `rules` (default `sharding.DEFAULT_RULES`) as it is read: each device
+  reads only its own shard, so no host ever holds the whole model. Where the checkpoint's layer
+  layout differs from the requested one (`scan_layers`), layers are stacked or unstacked on the
+  mesh after reading (transiently twice the layer weights).
+  `config_overrides` replace config fields (e.g. `moe_dispatch="dense"`, `scan_layers=True`).
+  """
+  path = os.fspath(path)
+  layout = checkpoint_layout(path)
   param_dtype = param_dtype or dtype
-  orbax = checkpoint.is_orbax_checkpoint(path)
-  cfg = checkpoint.read_config(path) if orbax else DeepseekConfig.from_hf(path)
-  cfg = cfg.replace(**config_overrides) if config_overrides else cfg
-  shardings = None
-  if mesh is not None:
-    from sharding import model_shardings
-    table = model_shardings(cfg, mesh, rules)  # unrolled layout, what both loaders return
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    shardings = lambda p: table.get(p, replicated)  # noqa: E731  (kept FP8 scales: replicated)
-  if orbax:
-    _, flat = checkpoint.restore_params(path, shardings=shardings, dtype=param_dtype)
-    if any(p.endswith("_scale_inv") for p in flat):
-      flat = _dequantize_kept_fp8(flat)
-    loaded = cfg
+  stored = read_model_config(path)
+  cfg = stored.replace(**config_overrides) if config_overrides else stored
+  scanned_from = stored.scan_layers if layout == WORKDIR else False
+  read_targets = _targets(cfg, param_dtype, mesh, rules, scanned_from)
+  if layout == SAFETENSORS:
+    loaded, flat = load_hf(path, cfg, targets=lambda c: _targets(c, param_dtype, mesh, rules,
+                                                                 False))
+    # the loader drops MTP layers the checkpoint does not hold
+    cfg = cfg.replace(num_nextn_predict_layers=loaded.num_nextn_predict_layers)
+  elif layout == ORBAX:
+    flat = checkpoint.read_params(path, read_targets)
+    if any(p.endswith(fp8.SCALE_SUFFIX) for p in flat):
+      flat = {p: v.astype(read_targets[p].dtype) for p, v in fp8.dequantize_kept(flat).items()}
   else:
-    from convert.load import load_hf
-    loaded, flat = load_hf(path, cfg, dtype=param_dtype, shardings=shardings)
-  # the loader drops MTP layers the checkpoint does not hold; keep the caller's layout choices
-  cfg = cfg.replace(num_nextn_predict_layers=loaded.num_nextn_predict_layers)
-  model = model_from_flat(cfg, flat, dtype=dtype, param_dtype=param_dtype)
-  if mesh is not None and cfg.scan_layers:
-    from sharding import shard_model
-    with jax.set_mesh(mesh):
-      model = shard_model(model, mesh, rules)
-  return model
+    flat = workdir.read_params(path, read_targets)
+  model_targets = _targets(cfg, param_dtype, mesh, rules, cfg.scan_layers)
+  flat = _relayout(cfg, flat, scanned_from, model_targets)
+  return model_from_flat(cfg, flat, dtype=dtype, param_dtype=param_dtype)

@@ -137,3 +137,10 @@ def load_tokenizer(path_or_name: str | os.PathLike) -> ByteTokenizer | HFTokeniz
     return HFTokenizer(name)
   raise FileNotFoundError(
       f"--tokenizer={name!r}: expected 'byte', a tokenizer.json file or a directory holding one")
+
+
+def tokenizer_for_model(model_dir: str | os.PathLike) -> ByteTokenizer | HFTokenizer:
+  """The model directory's tokenizer.json when there is one, else the built-in byte tokenizer."""
+  if os.path.isfile(os.path.join(os.fspath(model_dir), "tokenizer.json")):
+    return load_tokenizer(model_dir)
+  return ByteTokenizer()

@@ -30,6 +30,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from deepseek_jax.kernels_pallas.platform import per_platform
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
@@ -118,6 +120,23 @@ def _row_mask(tile, start, end, tm: int, width: int):
   return (rows >= start) & (rows < end)
 
 
+def _prefetch_call(kernel, out_shape, grid, in_specs, out_spec, acc_shape, semantics, interpret,
+                   cost, name, *args):
+  """pallas_call with the 5 visit arrays (starts, ends, gid, tile, count) as scalar prefetch and
+  one float32 VMEM accumulator of `acc_shape`; `args` are those 5 arrays then the operands."""
+  return pl.pallas_call(
+      kernel,
+      out_shape=out_shape,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=5, grid=grid, in_specs=in_specs, out_specs=out_spec,
+          scratch_shapes=[pltpu.VMEM(acc_shape, jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=semantics),
+      interpret=interpret,
+      cost_estimate=cost,
+      name=name,
+  )(*args)
+
+
 def _gmm_kernel(starts_ref, ends_ref, gid_ref, tile_ref, count_ref, lhs_ref, rhs_ref, out_ref, acc_ref,
                 *, num_groups: int, tiles_k: int, tm: int, transpose_rhs: bool):
   step, k_i = pl.program_id(1), pl.program_id(2)
@@ -176,21 +195,12 @@ def _gmm_call(lhs, rhs, group_sizes, bs: BlockSizes, interpret: bool, out_dtype,
   cost = pl.CostEstimate(
       flops=2 * m * k * n, transcendentals=0,
       bytes_accessed=(m * k * tiles_n + e * k * n + m * n) * itemsize)
-  out = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=5,
-          grid=(tiles_n, num_visits, tiles_k),
-          in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec(rhs_block, rhs_map)],
-          out_specs=pl.BlockSpec((tm, tn), out_map),
-          scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
-      ),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
-      interpret=interpret,
-      cost_estimate=cost,
-      name="gmm",
-  )(starts, ends, gid, tile, count, lhs_p, rhs_p)
+  out = _prefetch_call(kernel, jax.ShapeDtypeStruct((mp, np_), out_dtype),
+                       (tiles_n, num_visits, tiles_k),
+                       [pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec(rhs_block, rhs_map)],
+                       pl.BlockSpec((tm, tn), out_map), (tm, tn),
+                       ("parallel", "arbitrary", "arbitrary"), interpret, cost, "gmm",
+                       starts, ends, gid, tile, count, lhs_p, rhs_p)
   return out[:m, :n]
 
 
@@ -252,29 +262,24 @@ def _tgmm_call(lhs, grad, group_sizes, bs: BlockSizes, interpret: bool, out_dtyp
   cost = pl.CostEstimate(
       flops=2 * m * k * n, transcendentals=0,
       bytes_accessed=(m * k * tiles_n + m * n * tiles_k + e * k * n) * itemsize)
-  out = pl.pallas_call(
-      functools.partial(_tgmm_kernel, tm=tm),
-      out_shape=jax.ShapeDtypeStruct((e, kp, np_), out_dtype),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=5,
-          grid=(tiles_n, tiles_k, num_visits),
-          in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec((tm, tn), grad_map)],
-          out_specs=pl.BlockSpec((None, tk, tn), out_map),
-          scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
-      ),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=interpret,
-      cost_estimate=cost,
-      name="tgmm",
-  )(starts, ends, gid, tile, count, lhs_p, grad_p)
+  out = _prefetch_call(functools.partial(_tgmm_kernel, tm=tm),
+                       jax.ShapeDtypeStruct((e, kp, np_), out_dtype), (tiles_n, tiles_k, num_visits),
+                       [pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec((tm, tn), grad_map)],
+                       pl.BlockSpec((None, tk, tn), out_map), (tk, tn),
+                       ("parallel", "parallel", "arbitrary"), interpret, cost, "tgmm",
+                       starts, ends, gid, tile, count, lhs_p, grad_p)
   return out[:, :k, :n]
 
 
-def _resolve(lhs, other, block_sizes, interpret, preferred_element_type):
+def _resolve(lhs, other, preferred_element_type):
   dtype = jnp.result_type(lhs.dtype, other.dtype)
-  bs = block_sizes if block_sizes is not None else BlockSizes.default(interpret=interpret)
   out_dtype = jnp.dtype(preferred_element_type) if preferred_element_type is not None else jnp.dtype(dtype)
-  return dtype, bs, out_dtype
+  return dtype, out_dtype
+
+
+def _blocks(block_sizes, interpret, platform) -> BlockSizes:
+  return block_sizes if block_sizes is not None else BlockSizes.default(
+      platform, interpret=bool(interpret))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -299,29 +304,35 @@ _gmm.defvjp(_gmm_fwd, _gmm_bwd)
 
 
 def gmm(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, block_sizes: BlockSizes | None = None,
-        interpret: bool = False, preferred_element_type=None) -> jax.Array:
+        interpret=None, preferred_element_type=None) -> jax.Array:
   """Grouped matmul: row r of lhs [M, K] times rhs[group(r)] [K, N] -> [M, N].
 
   Differentiable in `lhs` and `rhs` (custom VJP: d_lhs = gmm(grad, rhs^T), d_rhs = tgmm(lhs, grad));
   `group_sizes` [E] int gets no gradient. Accumulates in float32; the output has
-  `preferred_element_type` or else the inputs' common dtype.
+  `preferred_element_type` or else the inputs' common dtype. `interpret=None` interprets the
+  kernel where the program is lowered for the CPU and compiles it elsewhere (`per_platform`);
+  block sizes default per platform.
   """
   _check(lhs, rhs, group_sizes, name="gmm", rhs_ndim=3)
   if rhs.shape[1] != lhs.shape[1] or rhs.shape[0] != group_sizes.shape[0]:
     raise ValueError(f"gmm: lhs {lhs.shape}, rhs {rhs.shape}, group_sizes {group_sizes.shape} "
                      "do not fit lhs [M, K], rhs [E, K, N], group_sizes [E]")
-  dtype, bs, out_dtype = _resolve(lhs, rhs, block_sizes, interpret, preferred_element_type)
-  return _gmm(lhs.astype(dtype), rhs.astype(dtype), group_sizes.astype(jnp.int32), bs, interpret, out_dtype)
+  dtype, out_dtype = _resolve(lhs, rhs, preferred_element_type)
+  lhs, rhs, group_sizes = lhs.astype(dtype), rhs.astype(dtype), group_sizes.astype(jnp.int32)
+  return per_platform(lambda interp, platform: _gmm(
+      lhs, rhs, group_sizes, _blocks(block_sizes, interp, platform), interp, out_dtype), interpret)
 
 
 def tgmm(lhs: jax.Array, grad: jax.Array, group_sizes: jax.Array, *, block_sizes: BlockSizes | None = None,
-         interpret: bool = False, preferred_element_type=None) -> jax.Array:
+         interpret=None, preferred_element_type=None) -> jax.Array:
   """Per-group lhs^T @ grad: lhs [M, K], grad [M, N] -> [E, K, N]; an empty group gives zeros."""
   _check(lhs, grad, group_sizes, name="tgmm", rhs_ndim=2)
   if grad.shape[0] != lhs.shape[0]:
     raise ValueError(f"tgmm: lhs {lhs.shape} and grad {grad.shape} must share M")
-  dtype, bs, out_dtype = _resolve(lhs, grad, block_sizes, interpret, preferred_element_type)
-  return _tgmm_call(lhs.astype(dtype), grad.astype(dtype), group_sizes.astype(jnp.int32), bs, interpret, out_dtype)
+  dtype, out_dtype = _resolve(lhs, grad, preferred_element_type)
+  lhs, grad, group_sizes = lhs.astype(dtype), grad.astype(dtype), group_sizes.astype(jnp.int32)
+  return per_platform(lambda interp, platform: _tgmm_call(
+      lhs, grad, group_sizes, _blocks(block_sizes, interp, platform), interp, out_dtype), interpret)
 
 
 def _row_groups(group_sizes: jax.Array, m: int) -> jax.Array:

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from deepseek_jax.kernels_pallas.platform import per_platform
+
 
 @dataclasses.dataclass(frozen=True)
 class DecodeBlockSizes:
@@ -185,11 +187,12 @@ _decode.defvjp(_decode_fwd, _decode_bwd)
 
 def mla_decode_attention(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, kv_lora_rank: int,
                          softmax_scale: float, block_sizes: DecodeBlockSizes | None = None,
-                         interpret: bool = False) -> jax.Array:
+                         interpret=None) -> jax.Array:
   """Absorbed-MLA decode attention: q [B, H, L+R], cache [B, S, L+R], lengths [B] -> [B, H, L].
 
   Positions >= lengths[b] are masked (lengths past S are cut at S); rows of length 0 give zeros.
   Output dtype is q's. Differentiable (backward through the reference; meant for checks only).
+  `interpret=None` interprets where the program is lowered for the CPU (`per_platform`).
   """
   if q.ndim != 3 or cache.ndim != 3:
     raise ValueError(f"mla_decode_attention: q must be [B, H, L+R] and cache [B, S, L+R], got {q.shape}, {cache.shape}")
@@ -199,7 +202,11 @@ def mla_decode_attention(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, 
     raise ValueError(f"mla_decode_attention: lengths must be int [B={q.shape[0]}], got {lengths.dtype}{list(lengths.shape)}")
   if not 0 < kv_lora_rank <= q.shape[2]:
     raise ValueError(f"mla_decode_attention: kv_lora_rank {kv_lora_rank} must be in (0, {q.shape[2]}]")
-  bs = block_sizes if block_sizes is not None else DecodeBlockSizes.default(interpret=interpret)
   cache = cache.astype(jnp.result_type(q.dtype, cache.dtype))
-  q = q.astype(cache.dtype)
-  return _decode(q, cache, lengths.astype(jnp.int32), kv_lora_rank, float(softmax_scale), bs, interpret)
+  q, lengths = q.astype(cache.dtype), lengths.astype(jnp.int32)
+
+  def run(interp, platform):
+    bs = block_sizes if block_sizes is not None else DecodeBlockSizes.default(
+        platform, interpret=bool(interp))
+    return _decode(q, cache, lengths, kv_lora_rank, float(softmax_scale), bs, interp)
+  return per_platform(run, interpret)

@@ -1,7 +1,7 @@
 """Memory plan: per-device bytes of a model on a mesh, and whether it fits a device.
 
-Command line (sharding/plan.py):
-  python -m sharding.plan --preset=deepseek_v3 --mesh=fsdp=64,expert=4 --batch=256 \
+Command line (`python -m deepseek_jax.sharding.plan`):
+  python -m deepseek_jax.sharding.plan --preset=deepseek_v3 --mesh=fsdp=64,expert=4 --batch=256 \
       --seq_len=4096 --train --device=v5p
 
 Per device (elements of each parameter divided by the mesh axes the rules shard it over):
@@ -32,8 +32,8 @@ import jax
 
 from deepseek_jax.config import DeepseekConfig
 from deepseek_jax.params import abstract_model, flat_state
-from sharding.mesh import AXES
-from sharding.rules import DEFAULT_RULES, MeshAxes, _as_tuple, spec_for
+from deepseek_jax.sharding.mesh import AXES
+from deepseek_jax.sharding.rules import DEFAULT_RULES, MeshAxes, _as_tuple, spec_for
 
 GiB = 1024 ** 3
 
@@ -163,7 +163,7 @@ def activation_bytes(cfg: DeepseekConfig, mesh_shape: Mapping[str, int], batch: 
   return int(layer + logits + cache)
 
 
-def plan(config: DeepseekConfig, mesh_shape: Mapping[str, int], batch: int, seq_len: int, *,
+def memory_plan(config: DeepseekConfig, mesh_shape: Mapping[str, int], batch: int, seq_len: int, *,
          training: bool = True, param_bytes: int = 2,
          rules: Mapping[str, MeshAxes] | None = None) -> Plan:
   """Per-device memory of `config` on a mesh of `mesh_shape` ({"fsdp": 64, "expert": 4}; axes

@@ -24,7 +24,7 @@ from jax.experimental import mesh_utils
 AXES = ("data", "fsdp", "expert", "tensor")
 
 
-def _resolve(sizes: dict[str, int], n_devices: int) -> dict[str, int]:
+def resolve_sizes(sizes: dict[str, int], n_devices: int) -> dict[str, int]:
   """Replaces one -1 by what the other axes leave; checks the product is the device count."""
   given = ", ".join(f"{a}={s}" for a, s in sizes.items())
   free = [a for a, s in sizes.items() if s == -1]
@@ -90,7 +90,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, expert: int = 1, tensor: int = 1, *,
   TPU pods `dcn` ({"data": 2} by default) says which axes span slices; see `device_grid`.
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = _resolve(dict(zip(AXES, (data, fsdp, expert, tensor))), len(devices))
+  sizes = resolve_sizes(dict(zip(AXES, (data, fsdp, expert, tensor))), len(devices))
   grid = device_grid(sizes, devices, dcn)
   return jax.sharding.Mesh(grid, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
 

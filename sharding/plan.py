@@ -1,8 +1,8 @@
-"""`python -m sharding.plan`: the memory plan of a model on a mesh (see sharding/memory.py).
+"""`python -m deepseek_jax.sharding.plan`: the memory plan of a model on a mesh (see sharding/memory.py).
 
-  python -m sharding.plan --preset=deepseek_v3 --mesh=fsdp=-1,expert=4 --batch=512 \
+  python -m deepseek_jax.sharding.plan --preset=deepseek_v3 --mesh=fsdp=-1,expert=4 --batch=512 \
       --seq_len=4096 --train --device=v5p-512
-  python -m sharding.plan --preset=deepseek_v3 --mesh=fsdp=-1,expert=4 --batch=64 \
+  python -m deepseek_jax.sharding.plan --preset=deepseek_v3 --mesh=fsdp=-1,expert=4 --batch=64 \
       --seq_len=4096 --device=v6e-64                     # inference
 With a slice size in --device (v5p-512: 256 chips), one --mesh axis may be -1 (the rest).
 """
@@ -13,7 +13,11 @@ import math
 
 from absl import app, flags
 
-from sharding.memory import DEVICE_MEMORY, GiB, device_memory, plan, slice_devices
+from deepseek_jax.config import DeepseekConfig
+from deepseek_jax.presets import get_preset
+from deepseek_jax.sharding.memory import DEVICE_MEMORY, GiB, device_memory, memory_plan, slice_devices
+from deepseek_jax.sharding.mesh import parse_mesh, resolve_sizes
+from deepseek_jax.sharding.rules import parse_rules
 
 flags.DEFINE_string("preset", "deepseek_v3", "model preset")
 flags.DEFINE_string("config_json", None, "a config.json (file or directory) instead of --preset")
@@ -31,25 +35,21 @@ FLAGS = flags.FLAGS
 
 def resolve_mesh(text: str, device: str | None) -> dict[str, int]:
   """--mesh sizes, a -1 axis filled from --device's slice size; checks the product."""
-  from sharding.mesh import _resolve, parse_mesh
   sizes = parse_mesh(text)
   count = slice_devices(device) if device else None
   if count is None:
     if -1 in sizes.values():
       raise ValueError(f"--mesh={text}: a -1 axis needs a device count, e.g. --device=v5p-256")
     return sizes
-  return _resolve(sizes, count)
+  return resolve_sizes(sizes, count)
 
 
 def main(argv) -> None:
   del argv
-  from deepseek_jax.config import DeepseekConfig
-  from deepseek_jax.presets import get_preset
-  from sharding.rules import parse_rules
   f = FLAGS
   cfg = DeepseekConfig.from_hf(f.config_json) if f.config_json else get_preset(f.preset)
   sizes = resolve_mesh(f.mesh, f.device)
-  p = plan(cfg, sizes, f.batch, f.seq_len, training=f.train, param_bytes=f.param_bytes,
+  p = memory_plan(cfg, sizes, f.batch, f.seq_len, training=f.train, param_bytes=f.param_bytes,
            rules=parse_rules(f.rules) if f.rules else None)
   print(("training" if f.train else "inference") + f", batch {f.batch} x {f.seq_len} tokens")
   print(p.table())

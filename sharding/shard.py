@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.config import DeepseekConfig
+from deepseek_jax.model import DeepseekForCausalLM
 from deepseek_jax.params import abstract_model, flat_state
-from sharding.rules import MeshAxes, param_shardings
+from deepseek_jax.sharding.rules import MeshAxes, param_shardings
 
 
 def _map_with_paths(fn, tree):
@@ -56,7 +57,6 @@ def create_sharded(cfg: DeepseekConfig, mesh: jax.sharding.Mesh,
                    dtype=jnp.float32, param_dtype=None) -> nnx.Module:
   """A freshly initialised model created directly in its shards (equal to the unsharded
   `DeepseekForCausalLM(cfg, rngs=nnx.Rngs(rngs_seed))`)."""
-  from deepseek_jax.model import DeepseekForCausalLM
   param_dtype = param_dtype or dtype
   abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
   graphdef, abstract_state = nnx.split(abstract)

@@ -3,7 +3,7 @@
   python tests/sharding_worker.py models  MESHES_JSON      # sharded vs one device, several meshes
   python tests/sharding_worker.py ep                       # expert_parallel_moe vs dense
   python tests/sharding_worker.py step PROCESS_ID N PORT   # one training step's loss (N processes)
-  python tests/sharding_worker.py pretrained HF_DIR ORBAX_DIR  # from_pretrained(mesh=) vs one device
+  python tests/sharding_worker.py pretrained HF_DIR ORBAX_DIR WORKDIR  # from_pretrained(mesh=)
 
 Prints one JSON object per line; the tests read them.
 """
@@ -36,7 +36,8 @@ def _setup(cfg_overrides=None):
 
   from deepseek_jax import get_preset
   from deepseek_jax.model import DeepseekForCausalLM
-  from deepseek_jax.trainer import TrainConfig, make_loss_fn
+  from deepseek_jax.train_config import TrainConfig
+  from deepseek_jax.train_step import make_loss_fn
   cfg = get_preset("tiny_v3", num_hidden_layers=2, **(cfg_overrides or {}))
   model = DeepseekForCausalLM(cfg, rngs=nnx.Rngs(0))
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (8, 17)).astype(np.int32)
@@ -54,24 +55,11 @@ def _loss_and_grads(model, tokens, cfg, tc, make_loss_fn):
   return loss, nnx.to_pure_dict(grads)
 
 
-def _use_expert_parallel(on: bool) -> None:
-  """The model's routed experts through sharding.expert_parallel.moe_experts (the one-line
-  change proposed for deepseek_jax/moe.py) or through deepseek_jax.dispatch as written."""
-  import types
-
-  import deepseek_jax.moe as moe_mod
-  from deepseek_jax import dispatch
-  from sharding import expert_parallel
-  moe_mod.dispatch = (types.SimpleNamespace(moe_experts=expert_parallel.moe_experts,
-                                            default_method=dispatch.default_method)
-                      if on else dispatch)
-
-
 def models(meshes: list[dict]) -> None:
   import jax
   import numpy as np
 
-  import sharding
+  from deepseek_jax import sharding
   from deepseek_jax.params import flat_state
 
   for scan in (False, True):
@@ -82,17 +70,15 @@ def models(meshes: list[dict]) -> None:
     for sizes in meshes:
       if scan and not sizes.get("scan"):
         continue
-      ep = bool(sizes.get("ep"))
-      sizes = {k: v for k, v in sizes.items() if k not in ("scan", "ep")}
+      sizes = {k: v for k, v in sizes.items() if k != "scan"}
       mesh = sharding.make_mesh(**sizes)
-      _use_expert_parallel(ep)
       sm = sharding.shard_model(model, mesh)
       batch = jax.sharding.NamedSharding(mesh, sharding.batch_spec())
       toks = jax.device_put(tokens, batch)
-      with jax.set_mesh(mesh):
+      with jax.set_mesh(mesh):  # the model itself picks the expert-parallel exchange
         logits = jax.jit(lambda m, x: m(x))(sm, toks[:, :-1])
+        forward_jaxpr = str(jax.make_jaxpr(lambda m, x: m(x))(sm, toks[:, :-1]))
         loss, grads = _loss_and_grads(sm, toks, cfg, tc, make_loss_fn)
-      _use_expert_parallel(False)
       flat_grads = jax.tree.map(np.asarray, grads)
       grad_err = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
                      for a, b in zip(jax.tree.leaves(flat_grads), jax.tree.leaves(ref_grads)))
@@ -100,7 +86,8 @@ def models(meshes: list[dict]) -> None:
                     "spec": [list(a) if isinstance(a, tuple) else a for a in v.sharding.spec]}
                 for p, v in flat_state(sm).items()}
       print(json.dumps({
-          "mesh": sizes, "scan": scan, "ep": ep,
+          "mesh": sizes, "scan": scan, "all_to_all": "all_to_all" in forward_jaxpr,
+          "shard_map": "shard_map" in forward_jaxpr,
           "logits_err": float(np.max(np.abs(np.asarray(logits) - ref_logits))),
           "loss": float(loss), "ref_loss": float(ref_loss), "grad_rel_err": grad_err,
           "shards": shards}), flush=True)
@@ -120,9 +107,8 @@ def ep() -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  import sharding
-  from deepseek_jax import dispatch
-  from sharding.expert_parallel import expert_parallel_moe
+  from deepseek_jax import dispatch, sharding
+  from deepseek_jax.expert_parallel import expert_parallel_moe, routed_experts
 
   n, k, e, d, i = 64, 2, 8, 16, 8
   rng = np.random.default_rng(0)
@@ -167,7 +153,7 @@ def ep() -> None:
     idx = routings["random"][:n_odd]
     ref = dispatch.moe_experts(x[:n_odd], idx, weight[:n_odd], *w, method="dense")
     with jax.set_mesh(mesh):  # the context mesh, through the model's entry point
-      out = jax.jit(lambda x, i, wt, ws: sharding.expert_parallel.moe_experts(
+      out = jax.jit(lambda x, i, wt, ws: routed_experts(
           x, i, wt, *ws, method="blocked"))(x[:n_odd], idx, weight[:n_odd], w)
     print(json.dumps({"odd_tokens": n_odd, "shape": list(out.shape),
                       "err": float(np.max(np.abs(np.asarray(out) - np.asarray(ref))))}))
@@ -190,7 +176,7 @@ def ep() -> None:
 
 def step(process_id: int, num_processes: int, port: int) -> None:
   """One trainer step on a data 2 x fsdp 2 x expert 2 mesh over all processes' devices."""
-  import sharding
+  from deepseek_jax import sharding
   if num_processes > 1:
     sharding.initialize(f"127.0.0.1:{port}", num_processes, process_id, initialization_timeout=60)
   import jax
@@ -198,7 +184,8 @@ def step(process_id: int, num_processes: int, port: int) -> None:
   from flax import nnx
 
   from deepseek_jax import get_preset, optim
-  from deepseek_jax.trainer import TrainConfig, make_train_step
+  from deepseek_jax.train_config import TrainConfig
+  from deepseek_jax.train_step import make_train_step
 
   assert jax.device_count() == 8 and jax.process_count() == num_processes
   cfg = get_preset("tiny_v3", num_hidden_layers=2)
@@ -221,12 +208,12 @@ def step(process_id: int, num_processes: int, port: int) -> None:
                     "grad_norm": float(logs["grad_norm"])}), flush=True)
 
 
-def pretrained(hf_dir: str, orbax_dir: str) -> None:
+def pretrained(hf_dir: str, orbax_dir: str, workdir: str) -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
 
-  import sharding
+  from deepseek_jax import sharding
   from deepseek_jax import from_pretrained
   from deepseek_jax.params import flat_state
 
@@ -237,7 +224,9 @@ def pretrained(hf_dir: str, orbax_dir: str) -> None:
   prompts = [[5, 9, 2], [7, 1, 3, 8, 4]]
   ref_new = generate(one, prompts, 6, eos_id=-1)
   mesh = sharding.make_mesh(fsdp=2, expert=4)
-  for src, scan in ((hf_dir, False), (orbax_dir, False), (orbax_dir, True)):
+  names = {hf_dir: "safetensors", orbax_dir: "orbax", workdir: "workdir"}
+  for src, scan in ((hf_dir, False), (orbax_dir, False), (orbax_dir, True), (workdir, False),
+                    (workdir, True)):
     model = from_pretrained(src, dtype=jnp.float32, mesh=mesh, scan_layers=scan)
     want = sharding.model_shardings(model.cfg, mesh, scanned=scan)
     flat = flat_state(model)
@@ -247,7 +236,7 @@ def pretrained(hf_dir: str, orbax_dir: str) -> None:
       toks = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, sharding.batch_spec()))
       logits = np.asarray(jax.jit(lambda m, x: m(x))(model, toks))
       same_generation = generate(model, prompts, 6, eos_id=-1) == ref_new
-    print(json.dumps({"same_generation": same_generation, "source": "orbax" if src == orbax_dir else "safetensors", "scan": scan,
+    print(json.dumps({"same_generation": same_generation, "source": names[src], "scan": scan,
                       "logits_err": float(np.max(np.abs(logits - ref))), "wrong": wrong,
                       "expert_path": expert_path, "expert_shape": list(flat[expert_path].shape),
                       "expert_shard": list(flat[expert_path].addressable_shards[0].data.shape)}),
@@ -263,6 +252,6 @@ if __name__ == "__main__":
   elif cmd == "step":
     step(*map(int, sys.argv[2:5]))
   elif cmd == "pretrained":
-    pretrained(*sys.argv[2:4])
+    pretrained(*sys.argv[2:5])
   else:
     raise SystemExit(f"unknown command {cmd!r}")

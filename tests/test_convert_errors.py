@@ -11,8 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from convert.safetensors_io import INDEX_NAME, SafetensorsDir, save_file
-from convert.to_orbax import convert
+from deepseek_jax.convert.safetensors_read import INDEX_NAME, SafetensorsDir
+from deepseek_jax.convert.safetensors_write import save_file
+from deepseek_jax.convert.to_orbax import convert
 from deepseek_jax import get_preset
 from hf_reference import save_hf
 
@@ -110,7 +111,7 @@ def test_cli_reports_the_error(release, tmp_path):
   d = tmp_path / "hf"
   shutil.copytree(release, d)
   expected = _break(d, "wrong_shape")
-  r = subprocess.run([sys.executable, "-m", "convert.hf_to_orbax", f"--hf_dir={d}",
+  r = subprocess.run([sys.executable, "-m", "deepseek_jax.convert.hf_to_orbax", f"--hf_dir={d}",
                       f"--output_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True,
                      text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode != 0 and all(p in r.stderr for p in expected), r.stderr[-2000:]
@@ -119,14 +120,14 @@ def test_cli_reports_the_error(release, tmp_path):
 
 def test_cli_converts_and_refuses_to_overwrite(release, tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  args = [sys.executable, "-m", "convert.hf_to_orbax", f"--hf_dir={release}",
+  args = [sys.executable, "-m", "deepseek_jax.convert.hf_to_orbax", f"--hf_dir={release}",
           f"--output_dir={tmp_path / 'o'}", "--dtype=float32"]
   r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
   assert r.returncode == 0, r.stderr[-2000:]
-  assert "tensors" in r.stderr and "ETA" in r.stderr  # the progress bar
+  assert "hf_to_orbax: 100%" in r.stderr and "B/s" in r.stderr  # the progress bar (tqdm)
   r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
   assert r.returncode != 0 and "not empty" in r.stderr
-  r = subprocess.run([sys.executable, "-m", "convert.orbax_to_hf", f"--checkpoint_dir={tmp_path / 'o'}",
+  r = subprocess.run([sys.executable, "-m", "deepseek_jax.convert.orbax_to_hf", f"--checkpoint_dir={tmp_path / 'o'}",
                       f"--output_dir={tmp_path / 'h'}", "--max_shard_size=50KB"],
                      cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
   assert r.returncode == 0, r.stderr[-2000:]

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import transformers
 
-from convert import fp8, names
-from convert.load import load_hf
-from convert.safetensors_io import SafetensorsDir, TensorSpec, write_sharded
-from convert.to_hf import export
-from convert.to_orbax import convert
+from deepseek_jax.convert import fp8, names
+from deepseek_jax.convert.load import load_hf
+from deepseek_jax.convert.safetensors_read import SafetensorsDir
+from deepseek_jax.convert.safetensors_write import TensorSpec, write_sharded
+from deepseek_jax.convert.to_hf import export
+from deepseek_jax.convert.to_orbax import convert
 from deepseek_jax import checkpoint, get_preset
 from deepseek_jax.params import model_from_flat
 from hf_reference import hf_logits, save_hf

@@ -9,9 +9,9 @@ import sys
 
 import numpy as np
 
-from convert import names
-from convert.safetensors_io import TensorSpec, write_sharded
-from convert.to_orbax import MIN_GROUP_BYTES
+from deepseek_jax.convert import names
+from deepseek_jax.convert.safetensors_write import TensorSpec, write_sharded
+from deepseek_jax.convert.to_orbax import MIN_GROUP_BYTES
 from deepseek_jax import get_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CHILD = """
 import json, resource, sys
 import jax.numpy as jnp
-from convert.to_orbax import convert
+from deepseek_jax.convert.to_orbax import convert
 small, big, out = sys.argv[1:4]
 convert(small, out + ".warm", dtype=jnp.bfloat16)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -11,12 +11,14 @@ import pytest
 import transformers
 from flax import nnx
 
-from convert import names
-from convert.load import load_hf
-from convert.safetensors_io import INDEX_NAME, SafetensorsDir, TensorSpec, write_sharded
-from convert.to_hf import export
-from convert.to_orbax import convert
-from deepseek_jax import checkpoint, get_preset
+from deepseek_jax.convert import names
+from deepseek_jax.convert.load import load_hf
+from deepseek_jax.convert.load import default_targets
+from deepseek_jax.convert.safetensors_read import INDEX_NAME, SafetensorsDir
+from deepseek_jax.convert.safetensors_write import TensorSpec, write_sharded
+from deepseek_jax.convert.to_hf import export
+from deepseek_jax.convert.to_orbax import convert
+from deepseek_jax import checkpoint, from_pretrained, get_preset, workdir
 from deepseek_jax.model import DeepseekForCausalLM
 from deepseek_jax.params import flat_state
 from hf_reference import hf_logits, save_hf
@@ -43,8 +45,8 @@ def test_round_trip_is_bit_identical_and_transformers_agrees(tmp_path, name):
   hf = save_hf(cfg, tmp_path / "hf", max_shard_size="60KB")
   assert len(set(_shards(tmp_path / "hf"))) > 2
   convert(tmp_path / "hf", tmp_path / "orbax", dtype=jnp.float32)
-  assert checkpoint.is_orbax_checkpoint(tmp_path / "orbax")
-  assert not checkpoint.is_orbax_checkpoint(tmp_path / "hf")
+  assert checkpoint.is_model_checkpoint(tmp_path / "orbax")
+  assert not checkpoint.is_model_checkpoint(tmp_path / "hf")
   export(tmp_path / "orbax", tmp_path / "out", max_shard_size="80KB")
   assert len(set(_shards(tmp_path / "out"))) > 2
   _same_tensors(tmp_path / "hf", tmp_path / "out")
@@ -54,7 +56,7 @@ def test_round_trip_is_bit_identical_and_transformers_agrees(tmp_path, name):
   cls = type(hf)
   back = cls.from_pretrained(str(tmp_path / "out"), dtype="float32").eval()
   np.testing.assert_array_equal(hf_logits(back, IDS), want)
-  model = checkpoint.restore_model(tmp_path / "orbax", moe_dispatch="dense")
+  model = from_pretrained(tmp_path / "orbax", dtype=jnp.float32, moe_dispatch="dense")
   np.testing.assert_allclose(np.asarray(model(jnp.asarray(IDS))), want, rtol=2e-4, atol=2e-4)
 
 
@@ -97,16 +99,15 @@ def test_mtp_tensors_and_copies_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(got[k]), v, err_msg=k)
 
 
-def test_restore_params_places_and_casts(tmp_path):
+def test_read_params_places_and_casts_as_the_targets_say(tmp_path):
   cfg = get_preset("tiny_v2", num_nextn_predict_layers=0)
   save_hf(cfg, tmp_path / "hf")
   convert(tmp_path / "hf", tmp_path / "orbax", dtype=jnp.float32)
-  dev = jax.devices()[0]
-  got_cfg, flat = checkpoint.restore_params(
-      tmp_path / "orbax", dtype=jnp.bfloat16,
-      shardings=lambda p: jax.sharding.SingleDeviceSharding(dev))
-  assert got_cfg == cfg.replace(num_nextn_predict_layers=0)
+  assert checkpoint.read_config(tmp_path / "orbax") == cfg
+  flat = checkpoint.read_params(tmp_path / "orbax", default_targets(cfg, jnp.bfloat16))
   assert {str(v.dtype) for v in flat.values()} == {"bfloat16"}
+  assert {v.sharding for v in flat.values()} == {
+      jax.sharding.SingleDeviceSharding(jax.devices()[0])}
   _, ref = load_hf(tmp_path / "hf", dtype=jnp.bfloat16)
   assert set(ref) == set(flat)
   for k in ref:
@@ -127,14 +128,17 @@ def test_entries_cover_every_released_tensor(tmp_path):
 
 def test_trainer_workdir_exports_to_the_released_layout(tmp_path):
   from deepseek_jax import trainer
+  from deepseek_jax.train_config import TrainConfig
   corpus = os.path.dirname(json.__file__)
-  trainer.train(trainer.TrainConfig(
+  trainer.train(TrainConfig(
       workdir=str(tmp_path / "run"), preset="tiny_v3", data=corpus, seq_len=32, batch_size=2,
       steps=1, log_every=1, warmup_steps=0, moe_dispatch="dense", peak_flops=1e11,
       progress=False, tensorboard=False))
-  assert checkpoint.is_orbax_checkpoint(tmp_path / "run")
-  trained = flat_state(trainer.load_model(str(tmp_path / "run")))
-  cfg, flat = checkpoint.restore_params(tmp_path / "run")
+  assert workdir.is_workdir(tmp_path / "run") and not checkpoint.is_model_checkpoint(
+      tmp_path / "run")
+  trained = flat_state(from_pretrained(tmp_path / "run", dtype=jnp.float32))
+  cfg = workdir.read_config(tmp_path / "run")
+  flat = workdir.read_params(tmp_path / "run", default_targets(cfg, jnp.float32))
   assert cfg.num_nextn_predict_layers == 1 and set(flat) == set(trained)
   export(tmp_path / "run", tmp_path / "hf")
   _, back = load_hf(tmp_path / "hf", dtype=jnp.float32)

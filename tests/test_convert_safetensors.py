@@ -13,7 +13,8 @@ import torch
 from safetensors.numpy import save_file as lib_save_numpy
 from safetensors.torch import load_file as lib_load_torch
 
-from convert import safetensors_io as sio
+from deepseek_jax.convert import safetensors_read as sio
+from deepseek_jax.convert import safetensors_write as siw
 
 RNG = np.random.default_rng(0)
 
@@ -39,7 +40,7 @@ def _bits(a):
 def test_written_files_read_back_bit_exact_by_us_and_the_library(tmp_path):
   t = _tensors()
   path = tmp_path / "x.safetensors"
-  sio.save_file(path, t)
+  siw.save_file(path, t)
   with sio.SafetensorsFile(path) as f:
     assert sorted(f.keys()) == sorted(t)
     for k, v in t.items():
@@ -74,7 +75,7 @@ def test_library_written_file_reads_with_slices(tmp_path):
 
 def test_chunked_reads_cut_inner_slices_without_reading_everything(tmp_path, monkeypatch):
   a = RNG.standard_normal((300, 40)).astype(np.float32)
-  sio.save_file(tmp_path / "a.safetensors", {"a": a})
+  siw.save_file(tmp_path / "a.safetensors", {"a": a})
   monkeypatch.setattr(sio, "_CHUNK", 40 * 4 * 7)  # 7 rows per chunk
   reads = []
   real = sio._pread_into
@@ -156,9 +157,9 @@ def test_pickles_are_refused_never_unpickled(tmp_path, fname):
 
 def _sharded_dir(tmp_path):
   t = {f"t{i}": RNG.standard_normal((16, 16)).astype(np.float32) for i in range(6)}
-  specs = [sio.TensorSpec(k, v.dtype, v.shape) for k, v in t.items()]
+  specs = [siw.TensorSpec(k, v.dtype, v.shape) for k, v in t.items()]
   d = tmp_path / "ckpt"
-  files = sio.write_sharded(d, specs, lambda s: t[s.name], max_shard_size=2 * 16 * 16 * 4)
+  files = siw.write_sharded(d, specs, lambda s: t[s.name], max_shard_size=2 * 16 * 16 * 4)
   return d, t, files
 
 
@@ -175,27 +176,27 @@ def test_sharded_write_and_directory_read(tmp_path):
       np.testing.assert_array_equal(r.read(k, slice(3, 9)), v[3:9])
   # One shard: the single-file name, no index.
   one = tmp_path / "one"
-  sio.write_sharded(one, [sio.TensorSpec("a", np.float32, (2,))], lambda s: np.ones(2, np.float32))
+  siw.write_sharded(one, [siw.TensorSpec("a", np.float32, (2,))], lambda s: np.ones(2, np.float32))
   assert sorted(os.listdir(one)) == ["model.safetensors"]
 
 
 def test_output_is_atomic_and_refuses_non_empty_directories(tmp_path):
   d, t, _ = _sharded_dir(tmp_path)
   before = sorted(os.listdir(d))
-  specs = [sio.TensorSpec("a", np.float32, (2,))]
+  specs = [siw.TensorSpec("a", np.float32, (2,))]
   with pytest.raises(FileExistsError, match="not empty"):
-    sio.write_sharded(d, specs, lambda s: np.ones(2, np.float32))
+    siw.write_sharded(d, specs, lambda s: np.ones(2, np.float32))
 
   def failing(s):
     raise RuntimeError("producer failed")
   with pytest.raises(RuntimeError, match="producer failed"):
-    sio.write_sharded(d, specs, failing, overwrite=True)
+    siw.write_sharded(d, specs, failing, overwrite=True)
   assert sorted(os.listdir(d)) == before  # the old output is untouched
   with pytest.raises(sio.SafetensorsError, match="produced as"):
-    sio.write_sharded(tmp_path / "new", specs, lambda s: np.ones(3, np.float32))
+    siw.write_sharded(tmp_path / "new", specs, lambda s: np.ones(3, np.float32))
   assert not (tmp_path / "new").exists()
   assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no temporaries anywhere
-  sio.write_sharded(d, specs, lambda s: np.ones(2, np.float32), overwrite=True)
+  siw.write_sharded(d, specs, lambda s: np.ones(2, np.float32), overwrite=True)
   assert sorted(os.listdir(d)) == ["model.safetensors"]
 
 
@@ -215,7 +216,7 @@ def test_bad_directories_name_the_index_and_tensor(tmp_path, case, match):
   index = json.loads(index_path.read_text())
   wm = index["weight_map"]
   outside = tmp_path / "outside.safetensors"
-  sio.save_file(outside, {"t0": t["t0"]})
+  siw.save_file(outside, {"t0": t["t0"]})
   if case == "missing_shard":
     os.remove(d / files[1])
   elif case == "dotdot":
@@ -243,9 +244,9 @@ def test_bad_directories_name_the_index_and_tensor(tmp_path, case, match):
 
 
 def test_parse_size():
-  assert sio.parse_size("5GB") == 5 * 10**9
-  assert sio.parse_size("500MB") == 5 * 10**8
-  assert sio.parse_size("2GiB") == 2 * 2**30
-  assert sio.parse_size("1000") == 1000
+  assert siw.parse_size("5GB") == 5 * 10**9
+  assert siw.parse_size("500MB") == 5 * 10**8
+  assert siw.parse_size("2GiB") == 2 * 2**30
+  assert siw.parse_size("1000") == 1000
   with pytest.raises(ValueError, match="5XB"):
-    sio.parse_size("5XB")
+    siw.parse_size("5XB")

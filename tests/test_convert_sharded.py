@@ -14,8 +14,8 @@ _CHILD = """
 import collections, sys
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from convert import safetensors_io
-from convert.load import load_hf
+from deepseek_jax.convert import safetensors_read as safetensors_io
+from deepseek_jax.convert.load import default_targets, load_hf
 assert jax.device_count() == 4
 reads = collections.defaultdict(list)
 real = safetensors_io.SafetensorsFile.read
@@ -31,7 +31,10 @@ def sharding(path):
   if path.endswith("q_b_proj.kernel"):
     return NamedSharding(mesh, P(None, "x"))          # output columns split
   return NamedSharding(mesh, P())
-_, sharded = load_hf(sys.argv[1], dtype=jnp.float32, shardings=sharding)
+def targets(cfg):
+  return {p: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=sharding(p))
+          for p, t in default_targets(cfg, jnp.float32).items()}
+_, sharded = load_hf(sys.argv[1], targets=targets)
 e = "model.layers.1.mlp.experts.5.down_proj.weight"
 assert len(reads[e]) == 1, reads[e]                  # one device reads expert 5, once
 q = "model.layers.0.self_attn.q_b_proj.weight"

@@ -82,6 +82,30 @@ def test_default_method_by_platform():
   assert dispatch.default_method("tpu") == "pallas"
   assert dispatch.default_method("gpu") == "ragged"
   assert dispatch.default_method("cpu") == "blocked"
+  assert dispatch.resolve("auto", "tpu") == "pallas" and dispatch.resolve("dense") == "dense"
+  assert dispatch.resolve("auto") == dispatch.default_method(jax.default_backend())
+  with pytest.raises(ValueError, match="warp"):
+    dispatch.resolve("warp")
+
+
+def test_the_config_is_read_when_the_model_runs():
+  """moe_dispatch is read at call time: the same weights under replace_config run another
+  dispatch (a loop for blocked, none for dense), equal outputs, the original model untouched."""
+  from flax import nnx
+
+  from deepseek_jax import get_preset
+  from deepseek_jax.model import DeepseekForCausalLM, replace_config
+  model = DeepseekForCausalLM(get_preset("tiny_v3", moe_dispatch="blocked"), rngs=nnx.Rngs(0))
+  dense = replace_config(model, moe_dispatch="dense")
+  assert model.cfg.moe_dispatch == "blocked" and dense.cfg.moe_dispatch == "dense"
+  assert dense.layers[1].mlp.experts.cfg.moe_dispatch == "dense"
+  assert model.layers[1].mlp.experts.cfg.moe_dispatch == "blocked"
+  ids = jnp.asarray(np.random.RandomState(0).randint(0, 512, (2, 9)), jnp.int32)
+  assert "while" in str(jax.make_jaxpr(lambda i: model(i))(ids))
+  assert "while" not in str(jax.make_jaxpr(lambda i: dense(i))(ids))
+  np.testing.assert_allclose(np.asarray(dense(ids)), np.asarray(model(ids)), atol=1e-5)
+  with pytest.raises(ValueError, match="scan_layers"):
+    replace_config(model, scan_layers=True)
 
 
 def test_whole_model_with_pallas_dispatch_equals_dense():

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from deepseek_jax import generation, get_preset
-from deepseek_jax.generation import Generation, generate, load_model
+from deepseek_jax.generation import Generation, generate
 from deepseek_jax.model import DeepseekForCausalLM
 from deepseek_jax.pretrained import from_pretrained
 from hf_reference import save_hf
@@ -41,6 +41,9 @@ def test_greedy_matches_transformers_generate(checkpoints, name):
   model = from_pretrained(d, dtype=jnp.float32)
   ref = [_hf_greedy(hf, p, NEW, eos=-1) for p in PROMPTS]
   assert generate(model, PROMPTS, NEW, eos_id=-1) == ref
+  # another dispatch for generation replaces the config of a copy; the model is left as it is
+  assert generate(model, PROMPTS, NEW, eos_id=-1, moe_method="dense") == ref
+  assert model.cfg.moe_dispatch == "auto"
   # With an EOS that one sequence emits mid-way: that one stops (EOS included), the rest go on.
   eos = ref[0][4]
   ours = generate(model, PROMPTS, NEW, eos_id=eos)
@@ -145,10 +148,10 @@ def test_speculative_needs_mtp():
 
 
 def test_model_dir_without_config(tmp_path):
-  with pytest.raises(FileNotFoundError, match="no config.json"):
-    load_model(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="not a model directory"):
+    from_pretrained(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="not a directory"):
-    load_model(str(tmp_path / "missing"))
+    from_pretrained(str(tmp_path / "missing"))
 
 
 def test_bucket():

@@ -1,6 +1,6 @@
-"""The generation CLI: streamed text, timings, tokenizer choice, and `deepseek_jax.generate` callable."""
+"""The generation CLI (`python -m deepseek_jax.generate_text`): streamed text, timings, tokenizer
+choice, and `deepseek_jax.generate` staying the function whatever is imported."""
 
-import importlib
 import io
 import os
 import subprocess
@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import pytest
 
 import deepseek_jax
-from deepseek_jax import generation, get_preset
-from deepseek_jax.tokenizer import ByteTokenizer
+from deepseek_jax import from_pretrained, generate_text, generation, get_preset
+from deepseek_jax.tokenizer import ByteTokenizer, tokenizer_for_model
 from hf_reference import save_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,8 +25,8 @@ def model_dir(tmp_path_factory):
 
 
 def test_run_streams_the_same_text_as_generate(model_dir):
-  model = generation.load_model(model_dir)
-  tok = generation.load_tokenizer_for(model_dir)
+  model = from_pretrained(model_dir, dtype=jnp.float32)
+  tok = tokenizer_for_model(model_dir)
   assert isinstance(tok, ByteTokenizer)
   out = io.StringIO()
   texts = generation_run(model, tok, ["Hello", "Hi"], out)
@@ -38,17 +38,12 @@ def test_run_streams_the_same_text_as_generate(model_dir):
 
 
 def generation_run(model, tok, prompts, out):
-  # `from deepseek_jax import generate` gives the function while the package attribute still is
-  # the function; the CLI module itself is always sys.modules["deepseek_jax.generate"].
-  cli = importlib.import_module("deepseek_jax.generate")
-  return cli.run(model, tok, prompts, max_new_tokens=20, chunk=4, warmup=False, out=out)
+  return generate_text.run(model, tok, prompts, max_new_tokens=20, chunk=4, warmup=False, out=out)
 
 
-def test_package_generate_stays_callable(model_dir):
-  import deepseek_jax.generate  # noqa: F401  (the CLI module)
-  model = generation.load_model(model_dir)
-  assert deepseek_jax.generate(model, [[3, 4]], 3, eos_id=-1) == generation.generate(
-      model, [[3, 4]], 3, eos_id=-1)
+def test_package_generate_is_the_function():
+  """The CLI module has its own name, so importing it cannot rebind `deepseek_jax.generate`."""
+  assert deepseek_jax.generate is generation.generate and callable(deepseek_jax.generate)
 
 
 def test_tokenizer_json_is_used(tmp_path, model_dir):
@@ -59,22 +54,22 @@ def test_tokenizer_json_is_used(tmp_path, model_dir):
   for name in os.listdir(model_dir):
     os.symlink(os.path.join(model_dir, name), tmp_path / name)
   t.save(str(tmp_path / "tokenizer.json"))
-  tok = generation.load_tokenizer_for(str(tmp_path))
+  tok = tokenizer_for_model(str(tmp_path))
   assert tok.encode("hello world") == [1, 2]
 
 
 def test_cli_end_to_end(model_dir):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   res = subprocess.run(
-      [sys.executable, "-m", "deepseek_jax.generate", f"--model_dir={model_dir}", "--prompt=Hi",
+      [sys.executable, "-m", "deepseek_jax.generate_text", f"--model_dir={model_dir}", "--prompt=Hi",
        "--max_new_tokens=5", "--temperature=0.8", "--top_k=5", "--nowarmup"],
       capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
   assert res.returncode == 0, res.stderr
   assert res.stdout.startswith("Hi") and "tok/s" in res.stdout
-  bad = subprocess.run([sys.executable, "-m", "deepseek_jax.generate", f"--model_dir={ROOT}/tests",
+  bad = subprocess.run([sys.executable, "-m", "deepseek_jax.generate_text", f"--model_dir={ROOT}/tests",
                         "--prompt=Hi"], capture_output=True, text=True, env=env, timeout=120,
                        cwd=ROOT)
-  assert bad.returncode != 0 and "no config.json" in bad.stderr
+  assert bad.returncode != 0 and "not a model directory" in bad.stderr
 
 
 def test_cli_on_a_two_device_mesh_prints_the_same_text(model_dir):
@@ -82,7 +77,7 @@ def test_cli_on_a_two_device_mesh_prints_the_same_text(model_dir):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     res = subprocess.run(
-        [sys.executable, "-m", "deepseek_jax.generate", f"--model_dir={model_dir}",
+        [sys.executable, "-m", "deepseek_jax.generate_text", f"--model_dir={model_dir}",
          "--prompt=Hello", "--max_new_tokens=12", "--nowarmup", *extra],
         capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert res.returncode == 0, res.stderr
@@ -90,7 +85,7 @@ def test_cli_on_a_two_device_mesh_prints_the_same_text(model_dir):
   one = cli()
   assert one.startswith("Hello") and len(one) > len("Hello\n")
   assert cli("--mesh=expert=-1", devices=2) == one  # experts split over 2 devices, same greedy text
-  bad = subprocess.run([sys.executable, "-m", "deepseek_jax.generate", f"--model_dir={model_dir}",
+  bad = subprocess.run([sys.executable, "-m", "deepseek_jax.generate_text", f"--model_dir={model_dir}",
                         "--prompt=Hi", "--mesh=experts=2"], capture_output=True, text=True,
                        env=dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT), timeout=120,
                        cwd=ROOT)
@@ -98,10 +93,10 @@ def test_cli_on_a_two_device_mesh_prints_the_same_text(model_dir):
 
 
 def test_orbax_checkpoint_generates_like_its_source(model_dir, tmp_path):
-  from convert.to_orbax import convert
+  from deepseek_jax.convert.to_orbax import convert
   orbax_dir = convert(model_dir, tmp_path / "orbax", dtype=jnp.float32)
-  from_orbax = generation.load_model(str(orbax_dir))
-  from_safetensors = generation.load_model(model_dir)
+  from_orbax = from_pretrained(orbax_dir, dtype=jnp.float32)
+  from_safetensors = from_pretrained(model_dir, dtype=jnp.float32)
   assert from_orbax.cfg == from_safetensors.cfg
   assert (generation.generate(from_orbax, [[3, 4, 5], [7]], 6, eos_id=-1)
           == generation.generate(from_safetensors, [[3, 4, 5], [7]], 6, eos_id=-1))

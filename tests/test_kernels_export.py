@@ -17,7 +17,7 @@ import pytest
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from kernels_pallas import BlockSizes, gmm, mla_decode_attention, tgmm
+from deepseek_jax.kernels_pallas import BlockSizes, gmm, mla_decode_attention, tgmm
 
 # Shapes at TPU-sized tiles, with a ragged M, to exercise the padded paths.
 M, K, N, E = 1000, 512, 256, 8

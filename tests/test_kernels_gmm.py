@@ -15,7 +15,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from kernels_pallas import BlockSizes, gmm, gmm_reference, tgmm, tgmm_reference
+from deepseek_jax.kernels_pallas import BlockSizes, gmm, gmm_reference, tgmm, tgmm_reference
 
 # M is not a multiple of tm; K and N span two (padded) tiles each, so every kernel path is taken.
 M, K, N, E = 200, 48, 40, 6
@@ -154,3 +154,16 @@ def test_tpu_semantics_interpreter():
   np.testing.assert_allclose(np.asarray(out), np.asarray(gmm_reference(lhs, rhs, gs)), **TOL[jnp.float32])
   d_rhs = tgmm(lhs, cot, gs, block_sizes=BLOCKS, interpret=interp)
   np.testing.assert_allclose(np.asarray(d_rhs), np.asarray(tgmm_reference(lhs, cot, gs)), **TOL[jnp.float32])
+
+
+def test_interpret_is_chosen_by_the_platform_the_program_is_lowered_for():
+  """interpret=None: interpreted where lowered for the CPU (runs here), the Mosaic kernel where
+  lowered for TPU (the same function exported from this CPU host); no switch is flipped."""
+  lhs, rhs, _ = _inputs(jnp.float32, seed=5)
+  gs = jnp.array([50, 0, 60, 40, 30, 20], jnp.int32)
+  f = jax.jit(lambda a, b: gmm(a, b, gs))  # block sizes per platform too
+  np.testing.assert_allclose(np.asarray(f(lhs, rhs)), np.asarray(gmm_reference(lhs, rhs, gs)),
+                             **TOL[jnp.float32])
+  text = jax.export.export(f, platforms=("tpu",))(lhs, rhs).mlir_module()
+  assert "tpu_custom_call" in text
+  assert "tpu_custom_call" not in jax.jit(f).lower(lhs, rhs).as_text()

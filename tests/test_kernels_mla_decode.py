@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas import DecodeBlockSizes, mla_decode_attention, mla_decode_reference
+from deepseek_jax.kernels_pallas import DecodeBlockSizes, mla_decode_attention, mla_decode_reference
 
 B, H, L, R = 5, 4, 64, 16
 SCALE = 0.15

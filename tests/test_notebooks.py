@@ -81,7 +81,7 @@ def _kernel_manager(tmp_path: pathlib.Path, devices: int):
   flags = os.environ.get("XLA_FLAGS", "")
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
   # The repository first on the path: the package is importable (so the install cell skips)
-  # whether or not it is pip-installed, and `python -m convert...` from a cell finds it too.
+  # whether or not it is pip-installed, and `python -m deepseek_jax.convert...` from a cell finds it too.
   path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
   env = {"PYTHONPATH": path, "JAX_PLATFORMS": "cpu",
          "MPLBACKEND": "module://matplotlib_inline.backend_inline",

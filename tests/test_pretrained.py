@@ -10,7 +10,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from convert import names
+from deepseek_jax.convert import names
 from deepseek_jax import get_preset
 from deepseek_jax.model import DeepseekForCausalLM
 from deepseek_jax.params import flat_state

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import sharding
+from deepseek_jax import sharding
 from deepseek_jax import get_preset
 
 V3 = get_preset("deepseek_v3")
@@ -28,7 +28,7 @@ def hand_param_elements_v3_fsdp64_expert4() -> int:
 
 
 def test_v3_training_plan_matches_hand_computation():
-  p = sharding.plan(V3, {"fsdp": 64, "expert": 4}, batch=256, seq_len=4096, training=True)
+  p = sharding.memory_plan(V3, {"fsdp": 64, "expert": 4}, batch=256, seq_len=4096, training=True)
   n = hand_param_elements_v3_fsdp64_expert4()
   assert p.param_elements == n
   assert p.params == 2 * n and p.gradients == 2 * n
@@ -48,31 +48,31 @@ def test_v3_training_plan_matches_hand_computation():
 def test_totals_agree_with_the_config_count():
   for preset in ("deepseek_v3", "deepseek_v2", "deepseek_v2_lite"):
     cfg = get_preset(preset)
-    assert sharding.plan(cfg, {}, 1, 16).param_elements == cfg.num_params(include_mtp=True)
+    assert sharding.memory_plan(cfg, {}, 1, 16).param_elements == cfg.num_params(include_mtp=True)
 
 
 def test_inference_plan_and_errors():
-  p = sharding.plan(V3, {"fsdp": 16, "expert": 4}, batch=64, seq_len=4096, training=False)
+  p = sharding.memory_plan(V3, {"fsdp": 16, "expert": 4}, batch=64, seq_len=4096, training=False)
   assert p.gradients == 0 and p.optimizer == 0
-  assert p.params == 2 * sharding.plan(V3, {"fsdp": 16, "expert": 4}, 64, 4096).param_elements
+  assert p.params == 2 * sharding.memory_plan(V3, {"fsdp": 16, "expert": 4}, 64, 4096).param_elements
   with pytest.raises(ValueError, match="batch=3 is not divisible by data x fsdp x expert = 64"):
-    sharding.plan(V3, {"fsdp": 64}, batch=3, seq_len=16)
+    sharding.memory_plan(V3, {"fsdp": 64}, batch=3, seq_len=16)
   # the batch rule decides how the batch splits: 16 sequences over fsdp only is also one per device
-  one = sharding.plan(V3, {"fsdp": 16, "expert": 4}, 16, 4096, training=False,
+  one = sharding.memory_plan(V3, {"fsdp": 16, "expert": 4}, 16, 4096, training=False,
                       rules=sharding.parse_rules("batch=data+fsdp"))
   assert one.activations == p.activations and one.params == p.params
   with pytest.raises(ValueError, match="batch=16 is not divisible by data x fsdp x expert = 64"):
-    sharding.plan(V3, {"fsdp": 16, "expert": 4}, 16, 4096)
+    sharding.memory_plan(V3, {"fsdp": 16, "expert": 4}, 16, 4096)
   with pytest.raises(ValueError, match="v5experiment.*unknown"):
     p.fits("v5experiment")
   with pytest.raises(ValueError, match="parameter .*experts dimension of size 256 is not "
                      "divisible by mesh axis expert of size 3"):
-    sharding.plan(V3, {"expert": 3}, batch=1, seq_len=16)
+    sharding.memory_plan(V3, {"expert": 3}, batch=1, seq_len=16)
 
 
 def test_cli_prints_the_plan():
   def cli(*args):
-    out = subprocess.run([sys.executable, "-m", "sharding.plan", "--preset=deepseek_v3", *args],
+    out = subprocess.run([sys.executable, "-m", "deepseek_jax.sharding.plan", "--preset=deepseek_v3", *args],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout

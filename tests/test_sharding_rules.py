@@ -6,7 +6,7 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-import sharding
+from deepseek_jax import sharding
 from deepseek_jax import get_preset
 from deepseek_jax.params import abstract_model, flat_state
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from convert.to_orbax import convert
-from deepseek_jax import data, get_preset, losses, metrics, trainer
+from deepseek_jax.convert.to_orbax import convert
+from deepseek_jax import data, from_pretrained, get_preset, losses, metrics, trainer
 from deepseek_jax.tokenizer import ByteTokenizer
-from deepseek_jax.trainer import TrainConfig
+from deepseek_jax.train_config import TrainConfig
 from hf_reference import hf_logits, save_hf
 
 CORPUS = os.path.dirname(json.__file__)
@@ -32,7 +32,7 @@ def test_init_from_released_layout_matches_transformers_loss(tmp_path, source):
   cfg = get_preset("tiny_v3")
   hf = save_hf(cfg, tmp_path / "hf")  # transformers writes no MTP tensors: we load without MTP
   init_from = str(tmp_path / "hf")
-  if source == "orbax":  # the converted checkpoint (python -m convert.hf_to_orbax)
+  if source == "orbax":  # the converted checkpoint (python -m deepseek_jax.convert.hf_to_orbax)
     init_from = convert(init_from, tmp_path / "orbax", dtype=jnp.float32)
   tc = TrainConfig(init_from=init_from, workdir=str(tmp_path / "run"), **COMMON)
   trainer.train(tc)
@@ -53,7 +53,7 @@ def test_init_from_trainer_workdir(tmp_path):
                    **{**base, "preset": None, "seed": 5})
   trainer.train(tc)
   first = metrics.read_jsonl(str(tmp_path / "b" / "metrics.jsonl"))[0]
-  model = trainer.load_model(str(tmp_path / "a"))  # a's parameters after its 2 steps
+  model = from_pretrained(tmp_path / "a", dtype=jnp.float32)  # a's parameters after 2 steps
   tokens = jnp.asarray(_first_batch(tmp_path, tc))
   want, _ = losses.cross_entropy(model(tokens[:, :-1]), tokens[:, 1:])
   np.testing.assert_allclose(first["loss"], float(want), rtol=1e-5)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax import metrics, trainer
-from deepseek_jax.trainer import TrainConfig
+from deepseek_jax.train_config import TrainConfig
 
 CORPUS = os.path.dirname(json.__file__)  # the standard library's json package: ~48k bytes of code
 

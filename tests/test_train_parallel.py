@@ -12,7 +12,7 @@ import numpy as np
 
 from deepseek_jax import get_preset, metrics, trainer
 from deepseek_jax.params import abstract_model, flat_state
-from deepseek_jax.trainer import TrainConfig
+from deepseek_jax.train_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = dict(preset="tiny_v3", data=os.path.dirname(json.__file__), seq_len=32, batch_size=4,
@@ -22,7 +22,8 @@ COMMON = dict(preset="tiny_v3", data=os.path.dirname(json.__file__), seq_len=32,
 SCRIPT = """
 import json, sys
 import jax
-from deepseek_jax.trainer import TrainConfig, train
+from deepseek_jax.train_config import TrainConfig
+from deepseek_jax.trainer import train
 assert jax.device_count() == 2, jax.devices()
 kw = json.loads(sys.argv[1])
 try:

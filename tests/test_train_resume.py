@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from deepseek_jax import metrics, trainer
-from deepseek_jax.trainer import TrainConfig
+from deepseek_jax.train_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.dirname(json.__file__)

@@ -9,9 +9,12 @@ import optax
 import pytest
 from flax import nnx
 
-from deepseek_jax import get_preset, optim, trainer
-from deepseek_jax.model import DeepseekForCausalLM
+from deepseek_jax import get_preset, optim
+from deepseek_jax.model import DeepseekForCausalLM, replace_config
+from deepseek_jax.moe import RouterBias
 from deepseek_jax.params import flat_state, model_from_flat
+from deepseek_jax.train_config import TrainConfig
+from deepseek_jax.train_step import make_train_step, update_router_biases
 
 T = 16
 
@@ -22,7 +25,7 @@ def _setup(cfg, tc, tx=None, model=None):
   tx = tx or optim.make_optimizer(tc.optim_config())
   state = {"params": params, "rest": rest, "opt_state": tx.init(params),
            "step": jnp.zeros((), jnp.int32)}
-  return jax.jit(trainer.make_train_step(graphdef, tx, cfg, tc)), state
+  return jax.jit(make_train_step(graphdef, tx, cfg, tc)), state
 
 
 def _tokens(n, seed=0, vocab=259):
@@ -31,7 +34,7 @@ def _tokens(n, seed=0, vocab=259):
 
 def test_grad_accumulation_equals_one_big_batch():
   cfg = get_preset("tiny_v3", moe_dispatch="dense")
-  tc = trainer.TrainConfig(seq_aux_alpha=1e-2, bias_update_speed=0.01)
+  tc = TrainConfig(seq_aux_alpha=1e-2, bias_update_speed=0.01)
   tokens = _tokens(4)
   out = {}
   for accum in (1, 4):
@@ -52,7 +55,7 @@ def test_grad_accumulation_equals_one_big_batch():
 
 def test_mtp_weight_zero_equals_model_without_mtp():
   cfg = get_preset("tiny_v3", moe_dispatch="dense")
-  tc = trainer.TrainConfig(mtp_weight=0.0, seq_aux_alpha=1e-2, learning_rate=1e-2, warmup_steps=0)
+  tc = TrainConfig(mtp_weight=0.0, seq_aux_alpha=1e-2, learning_rate=1e-2, warmup_steps=0)
   with_mtp = DeepseekForCausalLM(cfg, rngs=nnx.Rngs(0))
   flat = {k: v for k, v in flat_state(with_mtp).items() if not k.startswith("mtp.")}
   cfg0 = cfg.replace(num_nextn_predict_layers=0)
@@ -83,7 +86,7 @@ def _favour_expert0(state, amount):
 def test_bias_updates_balance_a_router_favouring_one_expert():
   cfg = get_preset("tiny_v3", moe_dispatch="dense")
   # learning rate 0: only the router biases move, so any change in balance is the rule's alone
-  tc = trainer.TrainConfig(seq_aux_alpha=0.0, bias_update_speed=0.005, learning_rate=0.0,
+  tc = TrainConfig(seq_aux_alpha=0.0, bias_update_speed=0.005, learning_rate=0.0,
                            warmup_steps=0)
   step, state = _setup(cfg, tc)
   state = _favour_expert0(state, 0.1)  # ~2.5 standard deviations of the initial scores
@@ -102,25 +105,27 @@ def test_bias_updates_balance_a_router_favouring_one_expert():
 
 
 def test_update_router_biases_maps_stacked_layers_then_mtp():
+  """Chosen by variable type (RouterBias), whatever the names: other variables stay."""
   e = 4
-  rest = {"moe_layers": {"gate": {"e_score_correction_bias": jnp.zeros((2, e))}},
-          "mtp": {0: {"gate": {"e_score_correction_bias": jnp.zeros((e,))}}},
-          "other": jnp.ones((3,))}
+  rest = {"moe_layers": {"gate": {"anything": RouterBias(jnp.zeros((2, e)))}},
+          "mtp": {0: {"gate": {"e_score_correction_bias": RouterBias(jnp.zeros((e,)))}}},
+          "other": {"e_score_correction_bias": nnx.Variable(jnp.ones((e,)))}}
   counts = jnp.asarray([[4, 0, 0, 0], [0, 4, 0, 0], [0, 0, 0, 4]], jnp.float32)
-  new = trainer.update_router_biases(rest, counts, 0.1)
-  np.testing.assert_allclose(new["moe_layers"]["gate"]["e_score_correction_bias"],
+  new = update_router_biases(rest, counts, 0.1)
+  np.testing.assert_allclose(new["moe_layers"]["gate"]["anything"][...],
                              [[-0.1, 0.1, 0.1, 0.1], [0.1, -0.1, 0.1, 0.1]])
-  np.testing.assert_allclose(new["mtp"][0]["gate"]["e_score_correction_bias"],
+  np.testing.assert_allclose(new["mtp"][0]["gate"]["e_score_correction_bias"][...],
                              [0.1, 0.1, 0.1, -0.1])
-  np.testing.assert_array_equal(new["other"], 1.0)
+  np.testing.assert_array_equal(new["other"]["e_score_correction_bias"][...], 1.0)
+  assert isinstance(new["mtp"][0]["gate"]["e_score_correction_bias"], RouterBias)
   with pytest.raises(ValueError, match="3 biases for 2 routers"):
-    trainer.update_router_biases(rest, counts[:2], 0.1)
+    update_router_biases(rest, counts[:2], 0.1)
 
 
 @pytest.fixture(scope="module")
 def baseline_step():
   cfg = get_preset("tiny_v3", moe_dispatch="dense")
-  tc = trainer.TrainConfig(learning_rate=1e-2, warmup_steps=0)
+  tc = TrainConfig(learning_rate=1e-2, warmup_steps=0)
   step, state = _setup(cfg, tc)
   state, logs = step(state, jnp.asarray(_tokens(2)[None]))
   return cfg, tc, jax.device_get(logs), jax.tree.map(np.asarray, state["params"])
@@ -130,8 +135,8 @@ def baseline_step():
 def test_remat_and_bf16_compute_follow_the_float32_step(baseline_step, variant):
   cfg, tc, logs0, params0 = baseline_step
   dtype = jnp.bfloat16 if variant == "bfloat16" else jnp.float32
+  cfg = cfg.replace(remat=variant == "remat")
   model = DeepseekForCausalLM(cfg, dtype=dtype, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
-  model.remat = variant == "remat"
   step, state = _setup(cfg, tc, model=model)
   state, logs = step(state, jnp.asarray(_tokens(2)[None]))
   leaves = jax.tree.leaves(state["params"])

@@ -1,4 +1,4 @@
-"""Safetensors files read and written directly on the format, with slice reads and atomic output.
+"""Safetensors files read directly on the format, whole tensors or slices of them.
 
 Format: 8-byte little-endian header length N, then N bytes of JSON
 (`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, offsets relative
@@ -10,6 +10,7 @@ or of a sub-block of a tensor that touch only those bytes. Reads use `os.preadv`
 `SafetensorsFile.view` gives a zero-copy memory-mapped array for callers who want one.
 
 Never unpickles: `*.bin`, `*.pt`, `*.pth`, `*.ckpt` checkpoints are refused with a clear error.
+Writing lives in `safetensors_write`.
 """
 
 from __future__ import annotations
@@ -19,24 +20,12 @@ import json
 import math
 import mmap
 import os
-import shutil
 import struct
-import tempfile
-from typing import Callable, Iterable, Mapping, Sequence
 
-import ml_dtypes
 import numpy as np
 
-# Safetensors dtype name <-> numpy dtype.
-DTYPES: dict[str, np.dtype] = {
-    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-    "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype(np.int64), "I32": np.dtype(np.int32), "I16": np.dtype(np.int16),
-    "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
-    "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
-}
-_NAMES = {v: k for k, v in DTYPES.items()}
+from deepseek_jax.dtypes import SAFETENSORS as DTYPES
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -50,14 +39,6 @@ class SafetensorsError(ValueError):
 
 class PickleCheckpointError(SafetensorsError):
   """A pickle checkpoint: refused, never unpickled."""
-
-
-def dtype_name(dtype) -> str:
-  """The safetensors name of a numpy dtype (`F32`, `BF16`, `F8_E4M3`, …)."""
-  dt = np.dtype(dtype)
-  if dt not in _NAMES:
-    raise SafetensorsError(f"dtype {dt} has no safetensors equivalent")
-  return _NAMES[dt]
 
 
 def refuse_pickle(path: str) -> None:
@@ -389,165 +370,3 @@ class SafetensorsDir:
 
   def __exit__(self, *exc):
     self.close()
-
-
-# ------------------------------------------------------------------------------ writing
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-  """A tensor to write: its name, dtype and shape (the data is produced later, one at a time)."""
-  name: str
-  dtype: np.dtype
-  shape: tuple[int, ...]
-
-  @property
-  def nbytes(self) -> int:
-    return math.prod(self.shape) * np.dtype(self.dtype).itemsize
-
-
-def _header_bytes(specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
-  header: dict = {}
-  if metadata:
-    header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-  off = 0
-  for s in specs:
-    header[s.name] = {"dtype": dtype_name(s.dtype), "shape": list(s.shape),
-                      "data_offsets": [off, off + s.nbytes]}
-    off += s.nbytes
-  raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-  raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
-  return struct.pack("<Q", len(raw)) + raw
-
-
-def write_file(path: str, specs: Sequence[TensorSpec], produce: Callable[[TensorSpec], np.ndarray],
-               metadata: Mapping[str, str] | None = None,
-               on_tensor: Callable[[TensorSpec], None] | None = None) -> None:
-  """Writes one safetensors file, asking `produce` for each tensor in turn (one in memory at once)."""
-  with open(path, "wb") as f:
-    f.write(_header_bytes(specs, metadata))
-    for s in specs:
-      a = np.asarray(produce(s))
-      if a.shape != tuple(s.shape) or a.dtype != np.dtype(s.dtype):
-        raise SafetensorsError(f"{path}: tensor {s.name!r} was produced as {a.dtype}{a.shape}, "
-                               f"expected {np.dtype(s.dtype)}{tuple(s.shape)}")
-      f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
-      if on_tensor is not None:
-        on_tensor(s)
-
-
-def save_file(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-              metadata: Mapping[str, str] | None = None) -> None:
-  """Writes a dict of arrays as one safetensors file (atomically)."""
-  path = os.fspath(path)
-  specs = [TensorSpec(k, np.asarray(v).dtype, tuple(np.shape(v))) for k, v in tensors.items()]
-  tmp = f"{path}.tmp-{os.getpid()}"
-  try:
-    write_file(tmp, specs, lambda s: tensors[s.name], metadata)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def parse_size(size: str | int) -> int:
-  """`5GB`, `500MB`, `2GiB`, `1000` (bytes) -> bytes (decimal units as transformers uses them)."""
-  if isinstance(size, int):
-    return size
-  s = size.strip().upper().replace(" ", "")
-  units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-           "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
-  for u, m in units.items():
-    if s.endswith(u):
-      try:
-        return int(float(s[:-len(u)]) * m)
-      except ValueError:
-        break
-  try:
-    return int(s)
-  except ValueError:
-    raise ValueError(f"size {size!r}: expected a number of bytes or e.g. '5GB', '500MB'") from None
-
-
-def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int) -> list[list[TensorSpec]]:
-  """Greedy split in order: a new shard starts when the next tensor would pass the limit
-  (a single tensor larger than the limit gets a shard of its own)."""
-  shards: list[list[TensorSpec]] = []
-  size = 0
-  for s in specs:
-    if not shards or (size + s.nbytes > max_shard_size and shards[-1]):
-      shards.append([])
-      size = 0
-    shards[-1].append(s)
-    size += s.nbytes
-  return shards
-
-
-def prepare_output(output_dir: str, overwrite: bool) -> str:
-  """Refuses a non-empty `output_dir` unless `overwrite`; returns a fresh temporary sibling."""
-  output_dir = os.path.abspath(output_dir)
-  if os.path.exists(output_dir):
-    if not os.path.isdir(output_dir):
-      raise FileExistsError(f"{output_dir}: exists and is not a directory")
-    if os.listdir(output_dir) and not overwrite:
-      raise FileExistsError(f"{output_dir}: exists and is not empty (pass overwrite / --overwrite)")
-  parent = os.path.dirname(output_dir)
-  os.makedirs(parent, exist_ok=True)
-  return tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-", dir=parent)
-
-
-def commit_output(tmp: str, output_dir: str) -> None:
-  """Moves the finished temporary directory to `output_dir` (replacing an old one)."""
-  output_dir = os.path.abspath(output_dir)
-  old = None
-  if os.path.exists(output_dir):
-    old = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.old-",
-                           dir=os.path.dirname(output_dir))
-    os.rmdir(old)
-    os.rename(output_dir, old)
-  os.rename(tmp, output_dir)
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def write_sharded(output_dir: str | os.PathLike, specs: Sequence[TensorSpec],
-                  produce: Callable[[TensorSpec], np.ndarray], *, max_shard_size: int | str = "5GB",
-                  overwrite: bool = False, extra_files: Mapping[str, str | bytes] | None = None,
-                  metadata: Mapping[str, str] | None = None,
-                  on_tensor: Callable[[TensorSpec], None] | None = None) -> list[str]:
-  """Writes tensors as `model.safetensors` or `model-0000i-of-0000n.safetensors` shards plus
-  `model.safetensors.index.json`, and `extra_files` (name -> text), all appearing at once.
-
-  Tensors are produced one at a time, so memory holds one tensor, whatever the shard size.
-  Returns the shard file names. On any error nothing is left behind.
-  """
-  output_dir = os.fspath(output_dir)
-  names = [s.name for s in specs]
-  if len(set(names)) != len(names):
-    raise SafetensorsError(f"{output_dir}: duplicate tensor names to write")
-  shards = plan_shards(specs, parse_size(max_shard_size))
-  n = len(shards)
-  fnames = ([SINGLE_NAME] if n == 1 else
-            [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)])
-  tmp = prepare_output(output_dir, overwrite)
-  try:
-    weight_map = {}
-    for fname, shard in zip(fnames, shards):
-      write_file(os.path.join(tmp, fname), shard, produce, metadata or {"format": "pt"}, on_tensor)
-      weight_map.update({s.name: fname for s in shard})
-    if n > 1:
-      index = {"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}
-      with open(os.path.join(tmp, INDEX_NAME), "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2)
-    for name, content in (extra_files or {}).items():
-      with open(os.path.join(tmp, name), "wb") as f:
-        f.write(content.encode("utf-8") if isinstance(content, str) else content)
-    commit_output(tmp, output_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return fnames
-
-
-def total_bytes(infos: Iterable[TensorInfo]) -> int:
-  return sum(t.nbytes for t in infos)

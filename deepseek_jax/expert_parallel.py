@@ -1,5 +1,7 @@
 """Expert parallelism: routed experts split over the "expert" mesh axis, token copies exchanged
-with all-to-all inside `jax.shard_map`.
+with all-to-all inside `jax.shard_map`. `routed_experts` is what the MoE layer calls: this
+exchange whenever the active mesh (`jax.set_mesh`) has an "expert" axis larger than one, the
+local dispatch otherwise.
 
 Per device (tokens split over the batch axes and "expert"; experts split over "expert", P ways,
 E/P local experts each):
@@ -120,10 +122,11 @@ def expert_parallel_moe(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Arra
   return fn(x, topk_idx, topk_weight, w_gate, w_up, w_down)[:n]
 
 
-def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, w_gate: jax.Array,
-                w_up: jax.Array, w_down: jax.Array, *, method: str) -> jax.Array:
-  """`dispatch.moe_experts`, expert-parallel (dropless) when the current mesh has an "expert"
-  axis of size > 1; the model's routed experts call this."""
+def routed_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array,
+                   w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
+                   method: str) -> jax.Array:
+  """`dispatch.moe_experts`, expert-parallel (dropless) when the active mesh has an "expert" axis
+  of size > 1; `method` is the local dispatch (on each device's share under the exchange)."""
   mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty and mesh.shape.get("expert", 1) > 1:
     return expert_parallel_moe(x, topk_idx, topk_weight, w_gate, w_up, w_down, mesh=mesh,

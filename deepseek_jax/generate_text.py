@@ -1,33 +1,35 @@
 """Command line text generation, streamed as it is produced.
 
-  python -m deepseek_jax.generate --model_dir=DIR --prompt="Hello" --max_new_tokens=64 \
+  python -m deepseek_jax.generate_text --model_dir=DIR --prompt="Hello" --max_new_tokens=64 \
       --temperature=0.7 [--top_k=50 --top_p=0.9 --seed=0 --absorb=auto --speculative]
       [--mesh=expert=-1]
 
-`--mesh` (axis sizes as in `python -m sharding.plan`, e.g. `fsdp=2,expert=-1`) loads every
-parameter straight into its shards over the local devices and generates on that mesh.
-`--model_dir` is a released-layout safetensors directory (config.json + *.safetensors) or an Orbax
-checkpoint of ours. Text is tokenized with the directory's tokenizer.json when there is one, else
+`--mesh` (axis sizes as in `python -m deepseek_jax.sharding.plan`, e.g. `fsdp=2,expert=-1`)
+loads every parameter straight into its shards over the local devices and generates on that mesh.
+`--model_dir` is anything `from_pretrained` reads: a released-layout safetensors directory, an
+Orbax checkpoint of ours, or a trainer workdir. Text is tokenized with the directory's tokenizer.json when there is one, else
 with the built-in byte tokenizer. The decode loop runs in chunks of `--chunk` steps (one compiled
 program, reused); the text is printed after each chunk. Prefill and decode tokens/s are printed
 at the end (after a warm-up that compiles both programs, unless --nowarmup).
-
-Importing this module makes it callable as `deepseek_jax.generation.generate`, so that
-`deepseek_jax.generate(model, ...)` keeps working after `import deepseek_jax.generate` has bound
-the package attribute to this module.
+(The module is not named `generate`: that is the function `deepseek_jax.generate`.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-import types
 
+import jax
 from absl import app, flags
 
-from deepseek_jax import generation
+from deepseek_jax import generation, sharding
+from deepseek_jax.dtypes import BY_NAME
+from deepseek_jax.pretrained import from_pretrained
+from deepseek_jax.tokenizer import tokenizer_for_model
 
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Safetensors directory or Orbax checkpoint.")
+_MODEL_DIR = flags.DEFINE_string("model_dir", None, "Safetensors directory, Orbax checkpoint or "
+                                  "trainer workdir.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (>= 1).")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy (argmax).")
@@ -40,7 +42,7 @@ _SPECULATIVE = flags.DEFINE_bool("speculative", False,
                                  "Greedy self-speculative decoding with the MTP head.")
 _CHUNK = flags.DEFINE_integer("chunk", 16, "Decode loop steps per streamed call.")
 _MAX_LEN = flags.DEFINE_integer("max_len", None, "Cache length (default: bucketed prompt + new).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute and storage dtype.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", list(BY_NAME), "Compute and storage dtype.")
 _BOS = flags.DEFINE_bool("bos", True, "Prepend the tokenizer's bos token when it has one.")
 _MESH = flags.DEFINE_string("mesh", None, "Shard over the devices: axis sizes such as "
                             "'fsdp=2,expert=-1' (data, fsdp, expert, tensor; -1: the rest).")
@@ -99,24 +101,19 @@ def run(model, tokenizer, prompts: list[str], *, max_new_tokens: int, chunk: int
 
 def main(argv):
   del argv
-  import contextlib
-
-  import jax
-  import jax.numpy as jnp
   if not _MODEL_DIR.value:
     raise app.UsageError("--model_dir is required")
   if not _PROMPT.value:
     raise app.UsageError("--prompt is required")
-  dtype = jnp.float32 if _DTYPE.value == "float32" else jnp.bfloat16
+  dtype = BY_NAME[_DTYPE.value]
   mesh = None
   if _MESH.value:
-    import sharding
     try:
       mesh = sharding.make_mesh(**sharding.parse_mesh(_MESH.value))
     except ValueError as e:
       raise app.UsageError(f"--mesh={_MESH.value}: {e}") from e
-  model = generation.load_model(_MODEL_DIR.value, dtype=dtype, mesh=mesh)
-  tokenizer = generation.load_tokenizer_for(_MODEL_DIR.value)
+  model = from_pretrained(_MODEL_DIR.value, dtype=dtype, mesh=mesh)
+  tokenizer = tokenizer_for_model(_MODEL_DIR.value)
   absorb = {"auto": None, "true": True, "false": False}[_ABSORB.value]
   with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
     run(model, tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value, chunk=_CHUNK.value,
@@ -124,15 +121,6 @@ def main(argv):
         top_p=_TOP_P.value, seed=_SEED.value, absorb=absorb, speculative=_SPECULATIVE.value,
         max_len=_MAX_LEN.value)
 
-
-class _CallableModule(types.ModuleType):
-  """This module, callable as `generation.generate` (see the module docstring)."""
-
-  def __call__(self, *args, **kwargs):
-    return generation.generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
   app.run(main)

@@ -1,0 +1,142 @@
+"""A trainer workdir's checkpoints: `<workdir>/checkpoints/<step>/{state, data, meta}`.
+
+`Checkpointer` is what the training loop saves and resumes with (an Orbax CheckpointManager over
+the train state, the data position and a JSON meta record holding the model config). The readers
+below take a workdir apart for loading, without building a model: its latest config, and any of
+its variables straight into given shardings (each device reads only its slices).
+
+The state item's tree is {"params": {<path>: {"value": array}}, "rest": {...}, "opt_state",
+"step"}: NNX variables (parameters in "params", router biases in "rest") by dotted path.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+
+from deepseek_jax.config import DeepseekConfig
+from deepseek_jax.params import STACKS, flatten, unflatten
+
+CHECKPOINTS = "checkpoints"
+_VALUE = ".value"
+
+
+class Checkpointer:
+  """Orbax CheckpointManager over {state, data position, meta}; async saves, keep K."""
+
+  def __init__(self, directory: str, keep: int, *, create: bool = True):
+    self.directory = os.path.abspath(directory)
+    if not create and not os.path.isdir(self.directory):
+      raise FileNotFoundError(f"{directory}: no checkpoints there")
+    self.mgr = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create))
+    if not create and self.mgr.latest_step() is None:
+      raise FileNotFoundError(f"{directory}: no checkpoints there")
+
+  def latest_step(self) -> int | None:
+    return self.mgr.latest_step()
+
+  def save(self, step: int, state, position: dict, cfg: DeepseekConfig,
+           extra_meta: Mapping[str, Any] | None = None) -> None:
+    meta = {"model_config": cfg.to_hf(), "scan_layers": cfg.scan_layers, "step": step,
+            **(extra_meta or {})}
+    self.mgr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(position),
+        meta=ocp.args.JsonSave(meta)))
+
+  def restore(self, state):
+    """(state, data position, meta) from the latest step, shaped like `state`."""
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    out = self.mgr.restore(self.mgr.latest_step(), args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore(),
+        meta=ocp.args.JsonRestore()))
+    return out["state"], out["data"], out["meta"]
+
+  def meta(self) -> dict[str, Any]:
+    """The latest step's meta record."""
+    return self.mgr.restore(self.mgr.latest_step(),
+                            args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+  def state_dir(self) -> str:
+    """The latest step's Orbax state item directory."""
+    return os.path.join(self.directory, str(self.mgr.latest_step()), "state")
+
+  def wait(self) -> None:
+    self.mgr.wait_until_finished()
+
+  def close(self) -> None:
+    self.mgr.wait_until_finished()
+    self.mgr.close()
+
+
+# ------------------------------------------------------------------------------ readers
+def checkpoints_dir(path: str | os.PathLike) -> str | None:
+  """The checkpoints directory of a workdir (or the checkpoints directory itself), else None."""
+  path = os.path.abspath(os.fspath(path))
+  for d in (os.path.join(path, CHECKPOINTS), path):
+    if os.path.isdir(d) and any(n.isdigit() and os.path.isdir(os.path.join(d, n, "state"))
+                                for n in os.listdir(d)):
+      return d
+  return None
+
+
+def is_workdir(path: str | os.PathLike) -> bool:
+  return checkpoints_dir(path) is not None
+
+
+def _open(path: str | os.PathLike) -> Checkpointer:
+  d = checkpoints_dir(path)
+  if d is None:
+    raise FileNotFoundError(f"{path}: not a trainer workdir (no checkpoints/<step>/state)")
+  return Checkpointer(d, 1, create=False)
+
+
+def _stored_paths(state_dir: str) -> dict[str, str]:
+  """{our dotted path: the Orbax key path} of every parameter and router bias in a state item."""
+  tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  out = {}
+  for key in flatten({k: tree[k] for k in ("params", "rest") if k in tree}):
+    ours = key.split(".", 1)[1]
+    out[ours[:-len(_VALUE)] if ours.endswith(_VALUE) else ours] = key
+  return out
+
+
+def read_config(path: str | os.PathLike) -> DeepseekConfig:
+  """The model config of a workdir's latest checkpoint, in the layout it was saved in
+  (`scan_layers`)."""
+  ckpt = _open(path)
+  try:
+    meta = ckpt.meta()
+    scanned = meta.get("scan_layers")
+    if scanned is None:  # saved before the meta recorded it: look at the stored names
+      scanned = any(p.startswith(STACKS) for p in _stored_paths(ckpt.state_dir()))
+    return DeepseekConfig.from_hf(meta["model_config"], scan_layers=bool(scanned))
+  finally:
+    ckpt.close()
+
+
+def read_params(path: str | os.PathLike, targets: Mapping[str, jax.ShapeDtypeStruct]
+                ) -> dict[str, jax.Array]:
+  """The variables named by `targets` ({path: ShapeDtypeStruct with sharding}, in the layout the
+  workdir was saved in: see `read_config`) from its latest checkpoint, each device reading only
+  its slices."""
+  ckpt = _open(path)
+  try:
+    state_dir = ckpt.state_dir()
+  finally:
+    ckpt.close()
+  stored = _stored_paths(state_dir)
+  missing = sorted(set(targets) - set(stored))
+  if missing:
+    raise KeyError(f"{path}: variables {missing[:4]}{'…' if len(missing) > 4 else ''} are not "
+                   "in its latest checkpoint (a different model config?)")
+  tree = unflatten({stored[p]: t for p, t in targets.items()})
+  with ocp.PyTreeCheckpointer() as c:
+    out = c.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
+        partial_restore=True))
+  by_key = flatten(out)
+  return {p: by_key[stored[p]] for p in targets}
