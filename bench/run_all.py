@@ -28,6 +28,8 @@ from bench import common  # noqa: E402
 BENCHES = [
     ("dispatch", ["bench/dispatch.py"], 900, "MoE dispatch paths against one dense matmul"),
     ("train", ["bench/train.py"], 900, "training step: ours vs transformers + torch AdamW"),
+    ("finetune", ["bench/finetune.py"], 2400,
+     "LoRA over an int8 base vs full fine-tuning, and vs transformers + peft LoRA"),
     ("generate", ["bench/generate.py"], 900, "prefill and decode: ours vs transformers"),
     ("peers", ["bench/peers/run_peers.py"], 1500, "MaxText and EasyDeL on the same config"),
     ("convert", ["bench/convert.py"], 600, "conversion throughput against raw disk reads"),

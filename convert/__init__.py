@@ -1,10 +1,9 @@
 """Checkpoint conversion: released safetensors (FP8 included) <-> our parameters and Orbax.
 
-`load_hf(path, ...)` streams a released-layout directory into (sharded) jax arrays; the CLIs
-`convert.hf_to_orbax`, `convert.orbax_to_hf` and `convert.plan` are built on `convert.to_orbax`,
-`convert.to_hf` and `convert.planner`.
+Modules: `load` (streaming load of a released-layout directory into sharded arrays), `to_orbax`
+and `to_hf` (the converters behind the CLIs `deepseek_jax.convert.hf_to_orbax`, `orbax_to_hf`
+and `plan`), `fp8` (DeepSeek-V3's FP8 block quantization), `names` (released names <-> ours),
+`safetensors_read` / `safetensors_write` / `atomic` (the file format and atomic outputs).
+This package's `__init__` imports nothing, so that low floors (the model's quantized weights)
+can use `fp8` without loading the converters.
 """
-
-from deepseek_jax.convert.load import load_hf
-
-__all__ = ["load_hf"]

@@ -6,7 +6,8 @@ W.astype(float32) * scale_inv[r // b0, c // b1] (partial edge blocks use their b
 Quantization divides each block by amax/448 (448 = e4m3's largest finite value).
 
 All FP8 (de)quantization lives here: numpy for the released [out, in] layout while converting,
-and `dequantize_kept` (jnp) for weights our checkpoints kept in FP8 ([..., in, out] layout).
+and jnp for our [..., in, out] layout (`quantize_blocks`, `dequantize_blocks`: a frozen FP8 base
+dequantized inside the forward; `dequantize_kept`: weights our checkpoints kept in FP8).
 """
 
 from __future__ import annotations
@@ -92,6 +93,36 @@ def quantize(w: np.ndarray, block: tuple[int, int] | int = DEFAULT_BLOCK) -> tup
   return q.astype(FP8), scale_inv
 
 
+def dequantize_blocks(w, scale_inv, block: tuple[int, int] = DEFAULT_BLOCK, dtype=jnp.float32):
+  """Our layout: W[..., i, o] = w[..., i, o] * scale_inv[..., i // b0, o // b1] (jnp, any leading
+  dims: stacked experts or layers), in `dtype`."""
+  n_in, n_out = w.shape[-2:]
+  want = scale_shape((n_in, n_out), block)
+  if tuple(scale_inv.shape[-2:]) != want:
+    raise ValueError(f"FP8 block scales of shape {tuple(scale_inv.shape)} do not fit a weight "
+                     f"{tuple(w.shape)} in {block[0]}x{block[1]} blocks (expected [..., {want[0]}, "
+                     f"{want[1]}])")
+  s = jnp.asarray(scale_inv, jnp.float32)
+  s = jnp.repeat(jnp.repeat(s, block[0], axis=-2)[..., :n_in, :], block[1], axis=-1)[..., :n_out]
+  return (jnp.asarray(w).astype(jnp.float32) * s).astype(dtype)
+
+
+def quantize_blocks(w, block: tuple[int, int] = DEFAULT_BLOCK):
+  """Our layout [..., in, out] -> (float8_e4m3fn weight, float32 scale_inv [..., ceil(in/b0),
+  ceil(out/b1)]), one scale per block (amax / 448; an all-zero block gets scale 1). jnp."""
+  w = jnp.asarray(w, jnp.float32)
+  n_in, n_out = w.shape[-2:]
+  sr, sc = scale_shape((n_in, n_out), block)
+  lead = w.shape[:-2]
+  padded = jnp.pad(w, [(0, 0)] * len(lead) + [(0, sr * block[0] - n_in), (0, sc * block[1] - n_out)])
+  blocks = padded.reshape(*lead, sr, block[0], sc, block[1])
+  amax = jnp.max(jnp.abs(blocks), axis=(-3, -1))                          # [..., sr, sc]
+  scale = jnp.where(amax > 0, amax / FP8_MAX, 1.0)
+  q = jnp.clip(blocks / scale[..., :, None, :, None], -FP8_MAX, FP8_MAX)
+  q = q.reshape(padded.shape)[..., :n_in, :n_out]
+  return q.astype(FP8), scale
+
+
 def dequantize_kept(flat: Mapping[str, Any], block: tuple[int, int] = DEFAULT_BLOCK
                     ) -> dict[str, Any]:
   """A flat parameter dict with FP8-kept weights replaced by float32 weights (scales dropped).
@@ -109,14 +140,10 @@ def dequantize_kept(flat: Mapping[str, Any], block: tuple[int, int] = DEFAULT_BL
     if s is None:
       out[path] = w
       continue
-    n_in, n_out = w.shape[-2:]
-    want = scale_shape((n_in, n_out), block)
-    if tuple(s.shape[-2:]) != want:
-      raise ValueError(f"parameter {path + SCALE_SUFFIX}: shape {tuple(s.shape)}, expected "
-                       f"[..., {want[0]}, {want[1]}] ({block[0]}x{block[1]} blocks of {path})")
-    scale = jnp.repeat(jnp.repeat(jnp.asarray(s, jnp.float32), block[0], axis=-2)[..., :n_in, :],
-                       block[1], axis=-1)[..., :n_out]     # [..., in, out]
-    out[path] = jnp.asarray(w).astype(jnp.float32) * scale
+    try:
+      out[path] = dequantize_blocks(w, s, block)
+    except ValueError as e:
+      raise ValueError(f"parameter {path + SCALE_SUFFIX}: {e}") from None
   return out
 
 

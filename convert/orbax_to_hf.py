@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from deepseek_jax.convert.to_hf import export
+from deepseek_jax.export_hf import export_any
 
-_CHECKPOINT_DIR = flags.DEFINE_string("checkpoint_dir", None, "Our Orbax checkpoint or a trainer workdir.")
+_CHECKPOINT_DIR = flags.DEFINE_string("checkpoint_dir", None, "Our Orbax checkpoint, a trainer "
+                                      "workdir (LoRA adapters merged) or an adapter checkpoint.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Where the released layout goes.")
 _MAX_SHARD = flags.DEFINE_string("max_shard_size", "5GB", "Largest shard, e.g. 5GB or 500MB.")
 _FP8 = flags.DEFINE_bool("fp8", False, "FP8 block quantization of the projection weights.")
@@ -19,8 +20,8 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace a non-empty --output
 
 def main(argv):
   del argv
-  files = export(_CHECKPOINT_DIR.value, _OUTPUT_DIR.value, max_shard_size=_MAX_SHARD.value,
-                 fp8=_FP8.value, overwrite=_OVERWRITE.value, show_progress=True)
+  files = export_any(_CHECKPOINT_DIR.value, _OUTPUT_DIR.value, max_shard_size=_MAX_SHARD.value,
+                     fp8=_FP8.value, overwrite=_OVERWRITE.value, show_progress=True)
   print(f"{_OUTPUT_DIR.value}: {len(files)} shard(s)")
 
 

@@ -18,35 +18,40 @@ from typing import Any
 
 import numpy as np
 
-from deepseek_jax import checkpoint, workdir
+from deepseek_jax import checkpoint
+from deepseek_jax.config import DeepseekConfig
 from deepseek_jax.convert import fp8 as fp8_lib
 from deepseek_jax.convert import names
-from deepseek_jax.convert.load import default_targets
 from deepseek_jax.convert.safetensors_write import TensorSpec, write_sharded
 from deepseek_jax.dtypes import torch_dtype_name
 from deepseek_jax.metrics import progress_bar
 from deepseek_jax.params import to_unrolled
 
+# Files of a model directory that travel with its weights (the tokenizer and chat template).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
 
 class _Source:
-  """Our parameters one at a time (partial Orbax reads), or from a dict already in memory."""
+  """Our parameters one at a time (partial Orbax reads of one of our checkpoints), or from a
+  (config, {path: array}) pair already in memory (a model: `params.flat_state`)."""
 
-  def __init__(self, directory: str):
-    self.directory = directory
+  def __init__(self, source):
     self._flat = None
-    if checkpoint.is_model_checkpoint(directory):
-      self.cfg = checkpoint.read_config(directory)
-      self.meta = checkpoint.param_metadata(directory)
-    elif workdir.is_workdir(directory):  # restored whole (a training-sized model)
-      cfg = workdir.read_config(directory)  # in the layout the trainer saved
-      flat = workdir.read_params(directory, default_targets(cfg, np.float32,
-                                                            scanned=cfg.scan_layers))
+    if isinstance(source, tuple):
+      cfg, flat = source
+      self.directory = "<model>"
       self.cfg = cfg.replace(scan_layers=False)
       self._flat = {k: np.asarray(v) for k, v in to_unrolled(cfg, flat).items()}
       self.meta = dict(self._flat)
+    elif checkpoint.is_model_checkpoint(source):
+      self.directory = source
+      self.cfg = checkpoint.read_config(source)
+      self.meta = checkpoint.param_metadata(source)
     else:
-      raise FileNotFoundError(f"{directory}: neither one of our Orbax checkpoints (config.json + "
-                              "params/) nor a trainer workdir (checkpoints/<step>/state)")
+      raise FileNotFoundError(f"{source}: not one of our Orbax checkpoints (config.json + "
+                              "params/); a trainer workdir is exported through from_pretrained "
+                              "(the orbax_to_hf CLI does that)")
     self._cache: dict[str, np.ndarray] = {}
 
   def dtype(self, path: str) -> np.dtype:
@@ -66,12 +71,17 @@ class _Source:
     return self._cache[path]
 
 
-def export(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
-           max_shard_size: str | int = "5GB", fp8: bool = False,
+def export(source: str | os.PathLike | tuple[DeepseekConfig, dict], output_dir: str | os.PathLike,
+           *, max_shard_size: str | int = "5GB", fp8: bool = False,
            block: tuple[int, int] = fp8_lib.DEFAULT_BLOCK, overwrite: bool = False,
-           show_progress: bool = False) -> list[str]:
-  """Writes the released layout of our checkpoint to `output_dir` (atomically); returns shards."""
-  src = _Source(os.path.abspath(os.fspath(checkpoint_dir)))
+           show_progress: bool = False, copy_from: str | os.PathLike | None = None) -> list[str]:
+  """Writes the released layout of `source` (one of our checkpoints, or a (config, flat
+  parameters) pair) to `output_dir` (atomically); returns the shards. The tokenizer files of
+  `copy_from` (default: the checkpoint directory) are copied beside them."""
+  if not isinstance(source, tuple):
+    source = os.path.abspath(os.fspath(source))
+    copy_from = source if copy_from is None else copy_from
+  src = _Source(source)
   cfg = src.cfg
   entries = names.entries(cfg)
   for e in entries:
@@ -126,11 +136,16 @@ def export(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
   hf_config["torch_dtype"] = torch_dtype_name(src.dtype("embed_tokens.embedding"))
   if fp8 or kept:
     hf_config["quantization_config"] = fp8_lib.quantization_config(block)
+  extra = {"config.json": json.dumps(hf_config, indent=2)}
+  for name in TOKENIZER_FILES if copy_from is not None else ():
+    path = os.path.join(os.fspath(copy_from), name)
+    if os.path.isfile(path):
+      with open(path, "rb") as f:
+        extra[name] = f.read()
   with progress_bar(sum(s.nbytes for s in specs), enabled=show_progress, unit="B",
                     unit_scale=True, unit_divisor=1000, desc="orbax_to_hf") as bar:
     return write_sharded(output_dir, specs, produce, max_shard_size=max_shard_size,
-                         overwrite=overwrite,
-                         extra_files={"config.json": json.dumps(hf_config, indent=2)},
+                         overwrite=overwrite, extra_files=extra,
                          on_tensor=lambda s: bar.update(s.nbytes))
 
 

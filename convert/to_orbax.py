@@ -39,4 +39,4 @@ def convert(hf_dir: str | os.PathLike, output_dir: str | os.PathLike, *, dtype=j
       params = iter_hf(ckpt, targets, keep_fp8=keep_fp8,
                        progress=lambda path, nbytes: bar.update(nbytes))
       return checkpoint.save_params(output_dir, ckpt.cfg, params, overwrite=overwrite,
-                                    group_bytes=max(largest, MIN_GROUP_BYTES))
+                                    group_bytes=max(largest, MIN_GROUP_BYTES), release=True)

@@ -53,11 +53,15 @@ def write_cache(cache: LayerCache, c_kv: jax.Array, k_pe: jax.Array, positions: 
 
 
 def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
-                   k_valid: jax.Array | None = None) -> jax.Array:
-  """Causal mask [B, 1, T, S]: key s is visible from query t when pos(s) <= pos(t) and s is valid."""
+                   k_valid: jax.Array | None = None, q_segments: jax.Array | None = None,
+                   k_segments: jax.Array | None = None) -> jax.Array:
+  """Causal mask [B, 1, T, S]: key s is visible from query t when pos(s) <= pos(t), s is valid,
+  and (packed sequences) s and t are in the same segment."""
   mask = k_positions[:, None, :] <= q_positions[:, :, None]  # [B, T, S]
   if k_valid is not None:
     mask = mask & k_valid[:, None, :]
+  if q_segments is not None:
+    mask = mask & (k_segments[:, None, :] == q_segments[:, :, None])
   return mask[:, None]
 
 
@@ -80,16 +84,21 @@ class MLAttention(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     norm_kw = dict(dtype=dtype, param_dtype=param_dtype)
     if cfg.q_lora_rank is None:
-      self.q_proj = linear(cfg, d, h * cfg.qk_head_dim, **kw)
+      self.q_proj = linear(cfg, d, h * cfg.qk_head_dim, name="self_attn.q_proj", **kw)
     else:
-      self.q_a_proj = linear(cfg, d, cfg.q_lora_rank, bias=cfg.attention_bias, **kw)
+      self.q_a_proj = linear(cfg, d, cfg.q_lora_rank, bias=cfg.attention_bias,
+                             name="self_attn.q_a_proj", **kw)
       self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, **norm_kw)
-      self.q_b_proj = linear(cfg, cfg.q_lora_rank, h * cfg.qk_head_dim, **kw)
+      self.q_b_proj = linear(cfg, cfg.q_lora_rank, h * cfg.qk_head_dim,
+                             name="self_attn.q_b_proj", **kw)
     self.kv_a_proj_with_mqa = linear(cfg, d, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
-                                     bias=cfg.attention_bias, **kw)
+                                     bias=cfg.attention_bias,
+                                     name="self_attn.kv_a_proj_with_mqa", **kw)
     self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps, **norm_kw)
-    self.kv_b_proj = linear(cfg, cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim), **kw)
-    self.o_proj = linear(cfg, h * cfg.v_head_dim, d, bias=cfg.attention_bias, **kw)
+    self.kv_b_proj = linear(cfg, cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                            name="self_attn.kv_b_proj", **kw)
+    self.o_proj = linear(cfg, h * cfg.v_head_dim, d, bias=cfg.attention_bias,
+                         name="self_attn.o_proj", **kw)
 
   # ------------------------------------------------------------------ projections
   def queries(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -114,7 +123,7 @@ class MLAttention(nnx.Module):
   def _w_kv_b(self) -> tuple[jax.Array, jax.Array]:
     """W_uk [C, H, N] and W_uv [C, H, V] from kv_b_proj's kernel [C, H*(N+V)]."""
     cfg = self.cfg
-    w = self.kv_b_proj.kernel[...].astype(self.dtype).reshape(
+    w = self.kv_b_proj.merged_kernel().reshape(
         cfg.kv_lora_rank, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
     return w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
 
@@ -159,13 +168,13 @@ class MLAttention(nnx.Module):
     """o_proj over the concatenated heads: [B, T, H, V] -> [B, T, D]."""
     return self.o_proj(o.reshape(*o.shape[:-2], -1))
 
-  def __call__(self, x: jax.Array, positions: jax.Array, *, k_valid: jax.Array | None = None,
+  def __call__(self, x: jax.Array, positions: jax.Array, *, mask: jax.Array | None = None,
                absorb: bool = False, cache: LayerCache | None = None
                ) -> tuple[jax.Array, LayerCache | None]:
     """Self-attention over x [B, T, D] at integer positions [B, T]; returns [B, T, D] and the cache.
 
-    Without a cache the tokens attend to each other (causal by position, `k_valid` masking
-    padding keys). With one, their latents are first written at their positions, and they attend
+    Without a cache the tokens attend to each other: by `mask` [B, 1, T, T] when given (see
+    `attention_mask`: padding, packed segments), else causally by position. With one, their latents are first written at their positions, and they attend
     over every cached slot at or before their own position: each sequence's positions must be
     contiguous from 0 (right padding), so all such slots hold its real tokens.
     """
@@ -173,7 +182,7 @@ class MLAttention(nnx.Module):
     q_nope, q_pe = self.queries(x, cos, sin)
     c_kv, k_pe = self.latents(x, cos, sin)
     if cache is None:
-      mask = attention_mask(positions, positions, k_valid)
+      mask = attention_mask(positions, positions) if mask is None else mask
     else:
       cache = write_cache(cache, c_kv, k_pe, positions)
       c_kv, k_pe = cache.c_kv.astype(self.dtype), cache.k_pe.astype(self.dtype)

@@ -63,17 +63,21 @@ def _groups(items: Iterable[tuple[str, Any]], group_bytes: int) -> Iterator[dict
     yield group
 
 
-def save_params(directory: str | os.PathLike, cfg: DeepseekConfig,
+def save_params(directory: str | os.PathLike, cfg: DeepseekConfig | None,
                 params: Mapping[str, Any] | Iterable[tuple[str, Any]], *, overwrite: bool = False,
                 group_bytes: int = _GROUP_BYTES, compress: bool = False,
-                on_saved: Callable[[dict[str, Any]], None] | None = None) -> str:
+                on_saved: Callable[[dict[str, Any]], None] | None = None,
+                extra_files: Mapping[str, str] | None = None, release: bool = False) -> str:
   """Writes `config.json` and the parameters (flat or nested dict, or an iterator of
   (dotted path, array) pairs consumed lazily) as one of our checkpoints; returns its path.
 
   Parameters are saved in groups of about `group_bytes`; one group is written in the background
   while the next is gathered, then released. `compress` turns on Orbax's zstd (weights hardly
   compress; off, saving is about 3x faster). Refuses a non-empty `directory` unless `overwrite`;
-  on error nothing is left behind.
+  on error nothing is left behind. `cfg` None writes no config.json (an adapter checkpoint);
+  `extra_files` (name -> text) are written beside, inside the same atomic commit. `release`
+  deletes each group's jax arrays once written (a streaming conversion, whose arrays are made
+  for the save alone).
   """
   directory = os.path.abspath(os.fspath(directory))
   if isinstance(params, Mapping):
@@ -89,12 +93,16 @@ def save_params(directory: str | os.PathLike, cfg: DeepseekConfig,
     response.result()
     if on_saved is not None:
       on_saved(group)
-    for v in group.values():
+    for v in group.values() if release else ():
       if isinstance(v, jax.Array):
         v.delete()
 
   try:
-    cfg.replace(scan_layers=False).save(tmp)
+    if cfg is not None:
+      cfg.replace(scan_layers=False).save(tmp)
+    for name, text in (extra_files or {}).items():
+      with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+        f.write(text)
     target = os.path.join(tmp, PARAMS_DIR)
     seen: set[str] = set()
     with ctx:

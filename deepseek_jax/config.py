@@ -2,8 +2,10 @@
 
 `DeepseekConfig` holds every architecture field of the released `config.json` files
 (`model_type` deepseek_v2 and deepseek_v3) under their Hugging Face names, plus runtime
-choices of ours (`RUNTIME_FIELDS`: `moe_dispatch`, `mla_decode`, `scan_layers`, `remat`) that are
-never written to `config.json`. `read_config_json` is the one reader of `config.json` files.
+choices of ours (`RUNTIME_FIELDS`) that are never written to `config.json`: how the model runs
+(`moe_dispatch`, `mla_decode`, `remat`, `lora_alpha`), and how its variables are laid out
+(`LAYOUT_FIELDS`: `scan_layers`; LoRA adapters `lora_rank`/`lora_targets`; a frozen base stored in
+int8 or FP8, `weight_quant`). `read_config_json` is the one reader of `config.json` files.
 
 Derived figures (parameter counts, KV-cache bytes, FLOPs per token) are computed from the fields,
 so presets can be checked against the published totals (671B/37B for V3, 15.7B/2.4B for V2-Lite).
@@ -12,6 +14,7 @@ so presets can be checked against the published totals (671B/37B for V3, 15.7B/2
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import logging
 import math
@@ -26,7 +29,14 @@ HIDDEN_ACTS = ("silu",)
 ROPE_TYPES = ("default", "yarn")
 MOE_DISPATCHES = ("auto", "dense", "ragged", "blocked", "pallas")
 MLA_DECODES = ("auto", "xla", "pallas")
-RUNTIME_FIELDS = ("moe_dispatch", "mla_decode", "scan_layers", "remat")
+WEIGHT_QUANTS = ("none", "int8", "fp8")
+# Runtime fields that change the variables (their structure or storage), not only how they run.
+LAYOUT_FIELDS = ("scan_layers", "lora_rank", "lora_targets", "weight_quant")
+RUNTIME_FIELDS = ("moe_dispatch", "mla_decode", "remat", "lora_alpha", *LAYOUT_FIELDS)
+# Where LoRA adapters go by default: every attention projection and every MLP / expert projection
+# (`name` patterns: "self_attn.q_a_proj", "mlp.gate_proj", "mlp.shared_experts.up_proj",
+# "mlp.experts" for the routed experts). The router ("mlp.gate") never gets one.
+LORA_TARGETS = ("self_attn.*", "mlp.*")
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 
 # Keys of released or transformers-written configs that carry no architecture information (or that
@@ -96,6 +106,10 @@ class DeepseekConfig:
   mla_decode: str = "auto"                # auto | xla | pallas: absorbed decode-step attention
   scan_layers: bool = False               # stack identical layers and run them with nnx.scan
   remat: bool = False                     # recompute each layer's activations in the backward pass
+  lora_rank: int = 0                      # LoRA adapters of this rank (0: none)
+  lora_alpha: float = 16.0                # LoRA scale alpha / rank
+  lora_targets: tuple[str, ...] = LORA_TARGETS  # fnmatch patterns of projection names
+  weight_quant: str = "none"              # none | int8 (per channel) | fp8 (128x128 blocks)
 
   def __post_init__(self):
     self.validate()
@@ -123,6 +137,13 @@ class DeepseekConfig:
     need(self.rope_type in ROPE_TYPES, "rope_type", f"must be one of {ROPE_TYPES}")
     need(self.moe_dispatch in MOE_DISPATCHES, "moe_dispatch", f"must be one of {MOE_DISPATCHES}")
     need(self.mla_decode in MLA_DECODES, "mla_decode", f"must be one of {MLA_DECODES}")
+    need(self.weight_quant in WEIGHT_QUANTS, "weight_quant", f"must be one of {WEIGHT_QUANTS}")
+    need(isinstance(self.lora_rank, int) and self.lora_rank >= 0, "lora_rank",
+         "must be an int >= 0 (0: no adapters)")
+    need(self.lora_alpha > 0, "lora_alpha", "must be positive")
+    need(isinstance(self.lora_targets, tuple) and all(isinstance(t, str) and t
+                                                      for t in self.lora_targets),
+         "lora_targets", "must be a tuple of name patterns")
     need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
     need(self.rope_theta > 0, "rope_theta", "must be positive")
     need(self.rope_factor > 0, "rope_factor", "must be positive")
@@ -179,6 +200,15 @@ class DeepseekConfig:
 
   def replace(self, **kw) -> "DeepseekConfig":
     return dataclasses.replace(self, **kw)
+
+  def has_lora(self, name: str) -> bool:
+    """Whether the projection `name` (e.g. "self_attn.kv_b_proj", "mlp.experts") carries a LoRA
+    adapter: `lora_rank` > 0 and `name` matches one of `lora_targets`."""
+    return self.lora_rank > 0 and any(fnmatch.fnmatchcase(name, p) for p in self.lora_targets)
+
+  @property
+  def lora_scale(self) -> float:
+    return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
   # ------------------------------------------------------------------ derived figures
   def attention_params(self) -> int:

@@ -23,6 +23,8 @@ Legend: N tokens, K experts per token, E experts, D hidden, I expert width, M = 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
@@ -68,28 +70,53 @@ def combine(y_sorted: jax.Array, order: jax.Array, topk_weight: jax.Array, num_t
   return jax.ops.segment_sum(y, token, num_segments=num_tokens).astype(y_sorted.dtype)
 
 
+class ExpertWeights(NamedTuple):
+  """One projection of E experts: w [E, K, N], and optionally a LoRA adapter a [E, K, r],
+  b [E, r, N] (already multiplied by its scale alpha/r): x -> x w_e + (x a_e) b_e."""
+  w: jax.Array
+  a: jax.Array | None = None
+  b: jax.Array | None = None
+
+
+def as_expert_weights(p) -> ExpertWeights:
+  """An array of expert weights as an `ExpertWeights` without adapter; one passes through."""
+  return p if isinstance(p, ExpertWeights) else ExpertWeights(p)
+
+
+def _swiglu(lhs, mm, w_gate, w_up, w_down):
+  """down(silu(gate(lhs)) * up(lhs)) where `mm(lhs, w)` is the method's grouped matmul; a LoRA
+  adapter goes through the same grouped matmul twice (x a, then (x a) b)."""
+  def apply(p: ExpertWeights, x):
+    y = mm(x, p.w)
+    return y if p.a is None else y + mm(mm(x, p.a), p.b)
+  h = jax.nn.silu(apply(w_gate, lhs)) * apply(w_up, lhs)
+  return apply(w_down, h)
+
+
 def _dense(x, topk_idx, topk_weight, w_gate, w_up, w_down):
-  e = w_gate.shape[0]
+  e = w_gate.w.shape[0]
   weights = jnp.sum(jax.nn.one_hot(topk_idx, e, dtype=jnp.float32) * topk_weight[..., None], axis=1)  # [N, E]
-  h = jax.nn.silu(jnp.einsum("nd,edi->nei", x, w_gate)) * jnp.einsum("nd,edi->nei", x, w_up)
-  y = jnp.einsum("nei,eid->ned", h, w_down)
+
+  def mm(lhs, w):  # every expert on every token: [N, D] or [N, E, ·] -> [N, E, ·]
+    return jnp.einsum("nd,edi->nei" if lhs.ndim == 2 else "nei,eio->neo", lhs, w)
+  y = _swiglu(x, mm, w_gate, w_up, w_down)                                  # [N, E, D]
   return jnp.einsum("ned,ne->nd", y.astype(jnp.float32), weights).astype(x.dtype)
 
 
 def _sorted(x, topk_idx, topk_weight, w_gate, w_up, w_down, grouped_matmul):
   n, k = topk_idx.shape
-  order, group_sizes = sort_by_expert(topk_idx, w_gate.shape[0])
+  order, group_sizes = sort_by_expert(topk_idx, w_gate.w.shape[0])
   xs = x[order // k]  # [M, D]
-  h = jax.nn.silu(grouped_matmul(xs, w_gate, group_sizes)) * grouped_matmul(xs, w_up, group_sizes)
-  return combine(grouped_matmul(h, w_down, group_sizes), order, topk_weight, n)
+  y = _swiglu(xs, lambda lhs, w: grouped_matmul(lhs, w, group_sizes), w_gate, w_up, w_down)
+  return combine(y, order, topk_weight, n)
 
 
 def _gathered(x, topk_idx, topk_weight, w_gate, w_up, w_down):
   """Each token copy with its own expert's weights indexed: for a handful of copies (decoding),
   reads only the chosen experts instead of a tile per expert."""
-  h = (jax.nn.silu(jnp.einsum("nd,nkdi->nki", x, w_gate[topk_idx]))
-       * jnp.einsum("nd,nkdi->nki", x, w_up[topk_idx]))
-  y = jnp.einsum("nki,nkid->nkd", h, w_down[topk_idx])
+  def mm(lhs, w):  # [N, D] or [N, K, ·] with each copy's expert's weights -> [N, K, ·]
+    return jnp.einsum("nd,nkdi->nki" if lhs.ndim == 2 else "nki,nkio->nko", lhs, w[topk_idx])
+  y = _swiglu(x, mm, w_gate, w_up, w_down)                                  # [N, K, D]
   return jnp.einsum("nkd,nk->nd", y.astype(jnp.float32), topk_weight.astype(jnp.float32)).astype(x.dtype)
 
 
@@ -99,7 +126,7 @@ GATHER_MAX_COPIES = 16
 
 def _blocked(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
   n, k = topk_idx.shape
-  e, d = w_gate.shape[0], x.shape[-1]
+  e, d = w_gate.w.shape[0], x.shape[-1]
   m = n * k
   if m <= GATHER_MAX_COPIES:
     return _gathered(x, topk_idx, topk_weight, w_gate, w_up, w_down)
@@ -119,9 +146,7 @@ def _blocked(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
   tile_expert = jnp.minimum(
       jnp.searchsorted(padded_end, jnp.arange(num_tiles) * tile, side="right"), e - 1)  # [tiles]
   used = padded_end[-1] // tile  # tiles holding copies; the rest of the static bound is slack
-  h = (jax.nn.silu(tiled_gmm(xs, w_gate, tile_expert, used))
-       * tiled_gmm(xs, w_up, tile_expert, used))
-  y = tiled_gmm(h, w_down, tile_expert, used)  # [tiles*tile, D]
+  y = _swiglu(xs, lambda lhs, w: tiled_gmm(lhs, w, tile_expert, used), w_gate, w_up, w_down)
   return jnp.einsum("nkd,nk->nd", y[pos].astype(jnp.float32),
                     topk_weight.astype(jnp.float32)).astype(x.dtype)
 
@@ -136,10 +161,11 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, w_gate: jax.Array,
-                w_up: jax.Array, w_down: jax.Array, *, method: str = "ragged",
-                tile: int = 128) -> jax.Array:
-  """Routed experts for x [N, D]; topk_idx/topk_weight [N, K]; weights [E, D, I], [E, D, I], [E, I, D]."""
+def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, w_gate, w_up, w_down,
+                *, method: str = "ragged", tile: int = 128) -> jax.Array:
+  """Routed experts for x [N, D]; topk_idx/topk_weight [N, K]; weights [E, D, I], [E, D, I],
+  [E, I, D], each an array or an `ExpertWeights` with a LoRA adapter."""
+  w_gate, w_up, w_down = map(as_expert_weights, (w_gate, w_up, w_down))
   if method == "dense":
     return _dense(x, topk_idx, topk_weight, w_gate, w_up, w_down)
   if method == "ragged":

@@ -79,14 +79,15 @@ def _local(x, topk_idx, topk_weight, w_gate, w_up, w_down, *, num_experts, p, ca
 
 
 def expert_parallel_moe(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array,
-                        w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
+                        w_gate, w_up, w_down, *,
                         mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
                         capacity_factor: float | None = None,
                         method: str = "blocked") -> jax.Array:
   """Routed experts for x [N, D] with experts split over the mesh's "expert" axis.
 
   topk_idx/topk_weight [N, K] (an index of -1 selects no expert); w_gate, w_up [E, D, I];
-  w_down [E, I, D]; `mesh` defaults to the current one (`jax.set_mesh`). Tokens are split over
+  w_down [E, I, D] (arrays, or `dispatch.ExpertWeights` with LoRA adapters, split alike over
+  "expert"); `mesh` defaults to the current one (`jax.set_mesh`). Tokens are split over
   the mesh's data, fsdp and expert axes (padded with expert-less tokens up to a multiple of
   their product, so any N works, decode steps included); weights enter split over "expert" only
   (gathered along the other axes, as FSDP does per layer). `method` is the dispatch of the local
@@ -98,7 +99,8 @@ def expert_parallel_moe(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Arra
     raise ValueError(f"expert_parallel_moe: the mesh has no 'expert' axis (axes {mesh.axis_names}); "
                      "pass mesh= or call it under jax.set_mesh")
   p = mesh.shape["expert"]
-  e = w_gate.shape[0]
+  w_gate, w_up, w_down = map(dispatch.as_expert_weights, (w_gate, w_up, w_down))
+  e = w_gate.w.shape[0]
   if e % p:
     raise ValueError(f"expert_parallel_moe: {e} experts do not split over mesh axis expert of "
                      f"size {p}")
@@ -122,9 +124,8 @@ def expert_parallel_moe(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Arra
   return fn(x, topk_idx, topk_weight, w_gate, w_up, w_down)[:n]
 
 
-def routed_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array,
-                   w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array, *,
-                   method: str) -> jax.Array:
+def routed_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, w_gate, w_up,
+                   w_down, *, method: str) -> jax.Array:
   """`dispatch.moe_experts`, expert-parallel (dropless) when the active mesh has an "expert" axis
   of size > 1; `method` is the local dispatch (on each device's share under the exchange)."""
   mesh = jax.sharding.get_abstract_mesh()

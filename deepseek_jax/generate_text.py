@@ -3,12 +3,18 @@
   python -m deepseek_jax.generate_text --model_dir=DIR --prompt="Hello" --max_new_tokens=64 \
       --temperature=0.7 [--top_k=50 --top_p=0.9 --seed=0 --absorb=auto --speculative]
       [--mesh=expert=-1]
+  python -m deepseek_jax.generate_text --model_dir=DIR --chat --system="Be brief." \
+      --prompt="What is MLA?" [--think=strip]
+
+`--chat` renders each prompt as a user message (after the `--system` message) with the model's
+chat template (`tokenizer_config.json`'s, else DeepSeek-V3's) and a generation prompt;
+`--think=strip` hides an R1-style `<think>...</think>` block and shows the answer alone.
 
 `--mesh` (axis sizes as in `python -m deepseek_jax.sharding.plan`, e.g. `fsdp=2,expert=-1`)
 loads every parameter straight into its shards over the local devices and generates on that mesh.
 `--model_dir` is anything `from_pretrained` reads: a released-layout safetensors directory, an
-Orbax checkpoint of ours, or a trainer workdir. Text is tokenized with the directory's tokenizer.json when there is one, else
-with the built-in byte tokenizer. The decode loop runs in chunks of `--chunk` steps (one compiled
+Orbax checkpoint of ours, or a trainer workdir. Text is tokenized with the directory's
+tokenizer.json when there is one, else with the built-in byte tokenizer. The decode loop runs in chunks of `--chunk` steps (one compiled
 program, reused); the text is printed after each chunk. Prefill and decode tokens/s are printed
 at the end (after a warm-up that compiles both programs, unless --nowarmup).
 (The module is not named `generate`: that is the function `deepseek_jax.generate`.)
@@ -23,7 +29,7 @@ import time
 import jax
 from absl import app, flags
 
-from deepseek_jax import generation, sharding
+from deepseek_jax import chat, generation, sharding
 from deepseek_jax.dtypes import BY_NAME
 from deepseek_jax.pretrained import from_pretrained
 from deepseek_jax.tokenizer import tokenizer_for_model
@@ -47,6 +53,11 @@ _BOS = flags.DEFINE_bool("bos", True, "Prepend the tokenizer's bos token when it
 _MESH = flags.DEFINE_string("mesh", None, "Shard over the devices: axis sizes such as "
                             "'fsdp=2,expert=-1' (data, fsdp, expert, tensor; -1: the rest).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile before timing (one prefill and one step).")
+_CHAT = flags.DEFINE_bool("chat", False, "Each --prompt is a user message under the model's chat "
+                          "template.")
+_SYSTEM = flags.DEFINE_string("system", None, "System message for --chat.")
+_THINK = flags.DEFINE_enum("think", "show", ["show", "strip"],
+                           "R1-style <think>...</think>: show it, or strip it (answer only).")
 
 
 def _settle(text: str) -> str:
@@ -54,12 +65,33 @@ def _settle(text: str) -> str:
   return text.rstrip("\ufffd")
 
 
+def chat_prompts(template: chat.ChatTemplate, prompts: list[str], system: str | None
+                 ) -> list[list[int]]:
+  """Token ids of each prompt as a user message (after `system`) with a generation prompt."""
+  head = [{"role": "system", "content": system}] if system else []
+  return [template.prompt(head + [{"role": "user", "content": p}]) for p in prompts]
+
+
+def _shown(text: str, strip_think: bool, final: bool) -> str:
+  """What to show of a completion so far: with `strip_think`, nothing until `</think>` (then the
+  answer after it), and at the end all of it if there was no reasoning block."""
+  if not strip_think or "</think>" in text:
+    return chat.strip_thinking(text) if strip_think else text
+  return text if final else ""
+
+
 def run(model, tokenizer, prompts: list[str], *, max_new_tokens: int, chunk: int = 16,
-        warmup: bool = True, bos: bool = True, out=sys.stdout, **gen_kw) -> list[str]:
-  """Generates for each prompt, streaming the first one to `out`; returns the completions."""
-  ids = [tokenizer.encode(p) for p in prompts]
-  if bos and tokenizer.bos_id is not None:
-    ids = [[tokenizer.bos_id] + i for i in ids]
+        warmup: bool = True, bos: bool = True, out=sys.stdout, template=None,
+        system: str | None = None, strip_think: bool = False, **gen_kw) -> list[str]:
+  """Generates for each prompt, streaming the first one to `out`; returns the completions (as
+  shown: reasoning stripped with `strip_think`). With a chat `template` the prompts are user
+  messages (after `system`) and no bos is added (the template writes it)."""
+  if template is not None:
+    ids = chat_prompts(template, prompts, system)
+  else:
+    ids = [tokenizer.encode(p) for p in prompts]
+    if bos and tokenizer.bos_id is not None:
+      ids = [[tokenizer.bos_id] + i for i in ids]
   gen_kw.setdefault("eos_id", -1 if tokenizer.eos_id is None else tokenizer.eos_id)
   if warmup:
     w = generation.Generation(model, ids, max_new_tokens, **gen_kw)
@@ -70,9 +102,9 @@ def run(model, tokenizer, prompts: list[str], *, max_new_tokens: int, chunk: int
   g.prefill()
   t1 = time.perf_counter()
   shown = ""
-  out.write(prompts[0])
+  out.write(prompts[0] + ("\n" if template is not None else ""))
   while True:
-    text = _settle(tokenizer.decode(g.results()[0]))
+    text = _shown(_settle(tokenizer.decode(g.results()[0])), strip_think, final=False)
     if text.startswith(shown) and len(text) > len(shown):
       out.write(text[len(shown):])
       out.flush()
@@ -81,7 +113,7 @@ def run(model, tokenizer, prompts: list[str], *, max_new_tokens: int, chunk: int
       break
     g.decode(chunk)
   t2 = time.perf_counter()
-  texts = [tokenizer.decode(r) for r in g.results()]
+  texts = [_shown(tokenizer.decode(r), strip_think, final=True) for r in g.results()]
   if texts[0] != shown:
     out.write(texts[0][len(shown):] if texts[0].startswith(shown) else "\n" + texts[0])
   out.write("\n")
@@ -114,10 +146,13 @@ def main(argv):
       raise app.UsageError(f"--mesh={_MESH.value}: {e}") from e
   model = from_pretrained(_MODEL_DIR.value, dtype=dtype, mesh=mesh)
   tokenizer = tokenizer_for_model(_MODEL_DIR.value)
+  template = (chat.ChatTemplate(chat.read_template(_MODEL_DIR.value), tokenizer)
+              if _CHAT.value else None)
   absorb = {"auto": None, "true": True, "false": False}[_ABSORB.value]
   with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
     run(model, tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value, chunk=_CHUNK.value,
-        warmup=_WARMUP.value, bos=_BOS.value, temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+        warmup=_WARMUP.value, bos=_BOS.value, template=template, system=_SYSTEM.value,
+        strip_think=_THINK.value == "strip", temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
         top_p=_TOP_P.value, seed=_SEED.value, absorb=absorb, speculative=_SPECULATIVE.value,
         max_len=_MAX_LEN.value)
 

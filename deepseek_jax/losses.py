@@ -34,10 +34,13 @@ def cross_entropy(logits: jax.Array, targets: jax.Array,
   return jnp.sum((logz - picked) * m) / jnp.maximum(n, 1.0), n
 
 
-def mtp_targets(targets: jax.Array, mask: jax.Array | None, depth: int) -> tuple[jax.Array, jax.Array]:
+def mtp_targets(targets: jax.Array, mask: jax.Array | None, depth: int,
+                segments: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Targets and mask for MTP depth k >= 1: position t predicts token t+k+1 = targets[t+k].
 
-  The last k positions have no target and are masked; a padded target stays masked.
+  The last k positions have no target and are masked; a padded target stays masked. With
+  `segments` [B, T+1] (packed sequences: the segment of each input and target token), a target
+  in another segment than position t is masked too.
   """
   b, t = targets.shape
   m = _mask_or_ones(mask, targets.shape)
@@ -45,11 +48,15 @@ def mtp_targets(targets: jax.Array, mask: jax.Array | None, depth: int) -> tuple
     return jnp.zeros_like(targets), jnp.zeros_like(m)
   shifted = jnp.concatenate([targets[:, depth:], jnp.zeros((b, depth), targets.dtype)], axis=1)
   shifted_m = jnp.concatenate([m[:, depth:], jnp.zeros((b, depth), m.dtype)], axis=1)
+  if segments is not None:
+    same = segments[:, 1 + depth:] == segments[:, :t - depth]             # [B, T-k]
+    shifted_m = shifted_m * jnp.pad(same, ((0, 0), (0, depth))).astype(shifted_m.dtype)
   return shifted, shifted_m
 
 
 def mtp_loss(mtp_logits: Sequence[jax.Array], targets: jax.Array,
-             mask: jax.Array | None = None) -> tuple[jax.Array, list[jax.Array]]:
+             mask: jax.Array | None = None, segments: jax.Array | None = None
+             ) -> tuple[jax.Array, list[jax.Array]]:
   """DeepSeek-V3's MTP loss before its weight λ: the mean over depths D of each depth's CE.
 
   L_MTP = 1/D Σ_{k=1..D} L_k,  L_k = CE(mtp_logits[k-1][:, t], targets[:, t+k]) over t < T-k.
@@ -57,7 +64,7 @@ def mtp_loss(mtp_logits: Sequence[jax.Array], targets: jax.Array,
   """
   per_depth = []
   for k, logits in enumerate(mtp_logits, start=1):
-    tk, mk = mtp_targets(targets, mask, k)
+    tk, mk = mtp_targets(targets, mask, k, segments)
     per_depth.append(cross_entropy(logits, tk, mk)[0])
   if not per_depth:
     return jnp.zeros((), jnp.float32), []

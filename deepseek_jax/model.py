@@ -31,8 +31,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.attention import LayerCache, MLAttention, init_layer_cache
-from deepseek_jax.config import RUNTIME_FIELDS, DeepseekConfig
-from deepseek_jax.layers import MLP, RMSNorm, linear
+from deepseek_jax.attention import attention_mask as attention_mask_of
+from deepseek_jax.config import LAYOUT_FIELDS, RUNTIME_FIELDS, DeepseekConfig
+from deepseek_jax.layers import MLP, Embed, RMSNorm, linear
 from deepseek_jax.moe import MoE, RouterOutput
 
 
@@ -65,10 +66,10 @@ class DecoderLayer(nnx.Module):
     else:
       self.mlp = MLP(cfg, cfg.intermediate_size, rngs=rngs, **kw)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, k_valid: jax.Array | None = None,
+  def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None,
                absorb: bool = False, cache: LayerCache | None = None
                ) -> tuple[jax.Array, RouterOutput | None, LayerCache | None]:
-    a, cache = self.self_attn(self.input_layernorm(x), positions, k_valid=k_valid, absorb=absorb,
+    a, cache = self.self_attn(self.input_layernorm(x), positions, mask=mask, absorb=absorb,
                               cache=cache)
     x = x + a
     h = self.post_attention_layernorm(x)
@@ -86,14 +87,15 @@ class MTPLayer(nnx.Module):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
     self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
     self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-    self.eh_proj = linear(cfg, 2 * cfg.hidden_size, cfg.hidden_size, rngs=rngs, **kw)
+    self.eh_proj = linear(cfg, 2 * cfg.hidden_size, cfg.hidden_size, name="eh_proj", rngs=rngs,
+                          **kw)
     self.block = DecoderLayer(cfg, cfg.num_hidden_layers, rngs=rngs, **kw)
     self.shared_head_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
-  def __call__(self, h_prev, emb_next, positions, k_valid=None, absorb=False, cache=None):
+  def __call__(self, h_prev, emb_next, positions, mask=None, absorb=False, cache=None):
     """Returns h^k [B, T, D], its normed copy for the head, the router output and the cache."""
     x = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1))
-    h, r, cache = self.block(x, positions, k_valid, absorb, cache)
+    h, r, cache = self.block(x, positions, mask, absorb, cache)
     return h, self.shared_head_norm(h), r, cache
 
 
@@ -108,10 +110,10 @@ def _stack(cfg, layer_idx, count, kw, rngs) -> DecoderLayer:
   return create(rngs)
 
 
-def _scan_stack(stack: DecoderLayer, x, positions, k_valid, absorb, remat: bool, cache):
+def _scan_stack(stack: DecoderLayer, x, positions, mask, absorb, remat: bool, cache):
   """Runs a stacked layer group; returns the output, stacked router outputs and stacked cache."""
   def body(layer, h, c):
-    return layer(h, positions, k_valid, absorb, c)
+    return layer(h, positions, mask, absorb, c)
 
   if remat:
     body = nnx.remat(body)
@@ -142,10 +144,7 @@ class DeepseekForCausalLM(nnx.Module):
     self.dtype = dtype
     self.param_dtype = param_dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                  param_dtype=param_dtype,
-                                  embedding_init=nnx.initializers.normal(cfg.initializer_range),
-                                  rngs=rngs)
+    self.embed_tokens = Embed(cfg, rngs=rngs, **kw)
     if cfg.scan_layers:
       n_dense = cfg.num_dense_layers
       if n_dense:
@@ -157,7 +156,7 @@ class DeepseekForCausalLM(nnx.Module):
                               for i in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
     if not cfg.tie_word_embeddings:
-      self.lm_head = linear(cfg, cfg.hidden_size, cfg.vocab_size, rngs=rngs, **kw)
+      self.lm_head = linear(cfg, cfg.hidden_size, cfg.vocab_size, name="lm_head", rngs=rngs, **kw)
     self.mtp = nnx.List([MTPLayer(cfg, rngs=rngs, **kw)
                          for _ in range(cfg.num_nextn_predict_layers)])
 
@@ -167,8 +166,8 @@ class DeepseekForCausalLM(nnx.Module):
 
   def head(self, h: jax.Array) -> jax.Array:
     """Float32 logits from normed hidden states [..., D]."""
-    w = (self.embed_tokens.embedding[...].T if self.cfg.tie_word_embeddings
-         else self.lm_head.kernel[...])
+    w = (self.embed_tokens.table().T if self.cfg.tie_word_embeddings
+         else self.lm_head.merged_kernel())
     return jnp.einsum("...d,dv->...v", h, w.astype(h.dtype), preferred_element_type=jnp.float32)
 
   def stacks(self) -> list[DecoderLayer]:
@@ -186,13 +185,13 @@ class DeepseekForCausalLM(nnx.Module):
       layers = tuple(one() for _ in range(cfg.num_hidden_layers))
     return Cache(layers, tuple(one() for _ in range(len(self.mtp))))
 
-  def decoder(self, x, positions, k_valid=None, absorb=False, cache=None):
+  def decoder(self, x, positions, mask=None, absorb=False, cache=None):
     """All decoder layers over x [B, T, D]: the un-normed output, router outputs, layer caches."""
     routers: list[RouterOutput] = []
     new_cache: list[LayerCache] = []
     if self.cfg.scan_layers:
       for j, stack in enumerate(self.stacks()):
-        x, r, c = _scan_stack(stack, x, positions, k_valid, absorb, self.cfg.remat,
+        x, r, c = _scan_stack(stack, x, positions, mask, absorb, self.cfg.remat,
                               None if cache is None else cache[j])
         new_cache.append(c)
         if r is not None:
@@ -201,9 +200,9 @@ class DeepseekForCausalLM(nnx.Module):
     for i, layer in enumerate(self.layers):
       c = None if cache is None else cache[i]
       if self.cfg.remat:
-        x, r, c = nnx.remat(lambda l, h, c: l(h, positions, k_valid, absorb, c))(layer, x, c)
+        x, r, c = nnx.remat(lambda l, h, c: l(h, positions, mask, absorb, c))(layer, x, c)
       else:
-        x, r, c = layer(x, positions, k_valid, absorb, c)
+        x, r, c = layer(x, positions, mask, absorb, c)
       new_cache.append(c)
       if r is not None:
         routers.append(r)
@@ -211,17 +210,23 @@ class DeepseekForCausalLM(nnx.Module):
 
   # ------------------------------------------------------------------ forward
   def forward(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-              attention_mask: jax.Array | None = None, absorb: bool = False,
-              with_mtp: bool = True, cache: Cache | None = None) -> ModelOutput:
+              attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+              absorb: bool = False, with_mtp: bool = True, cache: Cache | None = None
+              ) -> ModelOutput:
     """Forward over input_ids [B, T] (int). `attention_mask` [B, T] marks real (non-pad) tokens;
-    `positions` default to 0..T-1. With a `cache` (see `MLAttention.__call__`) the tokens'
-    latents are stored at their positions and the updated cache is returned."""
+    `segment_ids` [B, T] (packed sequences) keep attention within a segment, and then
+    `positions` should restart in each (`chat.segment_positions`); `positions` default to
+    0..T-1. With a `cache` (see `MLAttention.__call__`) the tokens' latents are stored at their
+    positions and the updated cache is returned."""
     b, t = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    k_valid = None if attention_mask is None else attention_mask.astype(jnp.bool_)
+    mask = None
+    if attention_mask is not None or segment_ids is not None:
+      valid = None if attention_mask is None else attention_mask.astype(jnp.bool_)
+      mask = attention_mask_of(positions, positions, valid, segment_ids, segment_ids)
     x = self.embed(input_ids)  # [B, T, D]
-    x, routers, layer_cache = self.decoder(x, positions, k_valid, absorb,
+    x, routers, layer_cache = self.decoder(x, positions, mask, absorb,
                                            None if cache is None else cache.layers)
     hidden = self.norm(x)
     logits = self.head(hidden)
@@ -231,7 +236,7 @@ class DeepseekForCausalLM(nnx.Module):
       for k, layer in enumerate(self.mtp, start=1):
         shifted = jnp.pad(input_ids[:, k:], ((0, 0), (0, k)))  # x_{t+k}; padding for the last k
         c = None if cache is None else cache.mtp[k - 1]
-        h, normed, r, c = layer(h, self.embed(shifted), positions, k_valid, absorb, c)
+        h, normed, r, c = layer(h, self.embed(shifted), positions, mask, absorb, c)
         mtp_logits.append(self.head(normed))
         mtp_cache.append(c)
         routers = routers + ((r,) if r is not None else ())
@@ -254,10 +259,11 @@ def _graphdef(cfg: DeepseekConfig, dtype, param_dtype):
 def replace_config(model: DeepseekForCausalLM, **runtime) -> DeepseekForCausalLM:
   """A model over the same arrays (not copied) whose config has other runtime fields
   (`moe_dispatch`, `mla_decode`, `remat`); the given model is left as it is."""
-  bad = sorted(set(runtime) - (set(RUNTIME_FIELDS) - {"scan_layers"}))
+  allowed = set(RUNTIME_FIELDS) - set(LAYOUT_FIELDS)
+  bad = sorted(set(runtime) - allowed)
   if bad:
-    raise ValueError(f"replace_config: {bad} are not runtime fields that keep the parameter "
-                     f"layout (allowed: {sorted(set(RUNTIME_FIELDS) - {'scan_layers'})})")
+    raise ValueError(f"replace_config: {bad} are not runtime fields that keep the variables "
+                     f"(allowed: {sorted(allowed)})")
   cfg = model.cfg.replace(**runtime)
   if cfg == model.cfg:
     return model

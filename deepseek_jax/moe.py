@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax import dispatch
+from deepseek_jax import dispatch, quant
 from deepseek_jax.config import DeepseekConfig
 from deepseek_jax.expert_parallel import routed_experts
-from deepseek_jax.layers import MLP, dense_init
+from deepseek_jax.layers import MLP, LoRAParam, dense_init, frozen_weight, lora_init
 
 
 class RouterBias(nnx.Variable):
@@ -91,21 +91,53 @@ class RoutedExperts(nnx.Module):
   """E SwiGLU experts stored stacked: gate_proj, up_proj [E, D, I]; down_proj [E, I, D].
 
   Dispatched by `cfg.moe_dispatch`, read when the layer runs ("auto": by the platform it is
-  traced for), through the expert-parallel exchange when the active mesh splits experts."""
+  traced for), through the expert-parallel exchange when the active mesh splits experts. With
+  `cfg.weight_quant` each projection is stored quantized (`<proj>_scale` beside it) and
+  dequantized for the layer's call; with a LoRA adapter ("mlp.experts" in `cfg.lora_targets`)
+  each expert has its own `<proj>_lora_a` [E, in, r] and `<proj>_lora_b` [E, r, out], applied
+  through the same grouped dispatch as the base weights."""
+
+  PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
   def __init__(self, cfg: DeepseekConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs: nnx.Rngs):
     e, d, i = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
-    init = dense_init(cfg)
     self.cfg = cfg
     self.dtype = dtype
-    self.gate_proj = nnx.Param(init(rngs.params(), (e, d, i), param_dtype))
-    self.up_proj = nnx.Param(init(rngs.params(), (e, d, i), param_dtype))
-    self.down_proj = nnx.Param(init(rngs.params(), (e, i, d), param_dtype))
+    for name, (k, n) in zip(self.PROJECTIONS, ((d, i), (d, i), (i, d))):
+      w, scale = frozen_weight(cfg, (e, k, n), dense_init(cfg), rngs, param_dtype)
+      setattr(self, name, w)
+      if scale is not None:
+        setattr(self, f"{name}_scale", scale)
+    self.lora_scale = cfg.lora_scale if cfg.has_lora("mlp.experts") else 0.0
+    if self.lora_scale:
+      r = cfg.lora_rank
+      for name, (k, n) in zip(self.PROJECTIONS, ((d, i), (d, i), (i, d))):
+        setattr(self, f"{name}_lora_a", LoRAParam(lora_init(k)(rngs.params(), (e, k, r),
+                                                                jnp.float32)))
+        setattr(self, f"{name}_lora_b", LoRAParam(jnp.zeros((e, r, n), jnp.float32)))
+
+  def weights(self, name: str, dtype=None) -> dispatch.ExpertWeights:
+    """One projection for the dispatch, in `dtype` (default: the compute dtype): dequantized,
+    with its adapter (B scaled by alpha/r)."""
+    dtype = dtype or self.dtype
+    w = getattr(self, name)[...]
+    if self.cfg.weight_quant != "none":
+      w = quant.dequantize(w, getattr(self, f"{name}_scale")[...], self.cfg.weight_quant, dtype)
+    if not self.lora_scale:
+      return dispatch.ExpertWeights(w.astype(dtype))
+    a = getattr(self, f"{name}_lora_a")[...].astype(dtype)
+    b = getattr(self, f"{name}_lora_b")[...].astype(dtype) * self.lora_scale
+    return dispatch.ExpertWeights(w.astype(dtype), a, b)
+
+  def merged(self, name: str, dtype=jnp.float32) -> jax.Array:
+    """w + a b · alpha/r [E, in, out]: the projection with its adapter merged in."""
+    p = self.weights(name, dtype)
+    return p.w if p.a is None else p.w + p.a @ p.b
 
   def __call__(self, x: jax.Array, route_out: RouterOutput) -> jax.Array:  # x [N, D]
-    w = [p[...].astype(self.dtype) for p in (self.gate_proj, self.up_proj, self.down_proj)]
-    return routed_experts(x.astype(self.dtype), route_out.topk_idx, route_out.topk_weight, *w,
+    return routed_experts(x.astype(self.dtype), route_out.topk_idx, route_out.topk_weight,
+                          *map(self.weights, self.PROJECTIONS),
                           method=dispatch.resolve(self.cfg.moe_dispatch))
 
 
@@ -118,8 +150,9 @@ class MoE(nnx.Module):
     self.gate = Router(cfg, param_dtype=param_dtype, rngs=rngs)
     self.experts = RoutedExperts(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     if cfg.n_shared_experts:
-      self.shared_experts = MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts, dtype=dtype,
-                                param_dtype=param_dtype, rngs=rngs)
+      self.shared_experts = MLP(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts,
+                                name="mlp.shared_experts", dtype=dtype, param_dtype=param_dtype,
+                                rngs=rngs)
 
   def __call__(self, x: jax.Array) -> tuple[jax.Array, RouterOutput]:  # x [B, T, D]
     flat = x.reshape(-1, x.shape[-1])  # [N, D]

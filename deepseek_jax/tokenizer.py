@@ -6,16 +6,20 @@ changes whenever the mapping from text to ids may change (the data cache is keye
 
 Byte tokenizer ids (chosen so that every tiny preset, whose vocab_size is 512, can hold them):
   0..255  the UTF-8 bytes themselves
-  256     bos (begin of sequence)
-  257     eos (end of sequence; appended after each document by the data pipeline)
+  256     bos (begin of sequence), written "<｜begin▁of▁sentence｜>" in text (as DeepSeek's is)
+  257     eos (end of sequence; appended after each document by the data pipeline), written
+          "<｜end▁of▁sentence｜>"
   258     pad
   vocab_size = 259 (a model's embedding may be larger; the extra rows are simply never used).
+Both tokenizers give their special tokens as text too (`bos_token`, `eos_token`), for chat
+templates.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Protocol, Sequence
 
 
@@ -25,6 +29,8 @@ class Tokenizer(Protocol):
   bos_id: int | None
   eos_id: int | None
   pad_id: int | None
+  bos_token: str | None
+  eos_token: str | None
   vocab_size: int
   fingerprint: str
 
@@ -39,11 +45,23 @@ class ByteTokenizer:
   bos_id = 256
   eos_id = 257
   pad_id = 258
+  bos_token = "<｜begin▁of▁sentence｜>"
+  eos_token = "<｜end▁of▁sentence｜>"
   vocab_size = 259
-  fingerprint = "byte-v1"
+  fingerprint = "byte-v2"
+  _SPECIAL = re.compile(f"({re.escape(bos_token)}|{re.escape(eos_token)})")
 
   def encode(self, text: str) -> list[int]:
-    return list(text.encode("utf-8"))
+    """UTF-8 bytes; the bos and eos strings become their ids."""
+    ids: list[int] = []
+    for part in self._SPECIAL.split(text):
+      if part == self.bos_token:
+        ids.append(self.bos_id)
+      elif part == self.eos_token:
+        ids.append(self.eos_id)
+      else:
+        ids += part.encode("utf-8")
+    return ids
 
   def decode(self, ids: Sequence[int]) -> str:
     """Drops special ids; invalid UTF-8 (a cut multi-byte character) becomes U+FFFD."""
@@ -84,6 +102,8 @@ class HFTokenizer:
     self.bos_id = self._find(named.get("bos_token"), _BOS_CANDIDATES)
     self.eos_id = self._find(named.get("eos_token"), _EOS_CANDIDATES)
     self.pad_id = self._find(named.get("pad_token"), _PAD_CANDIDATES)
+    self.bos_token = None if self.bos_id is None else self._tok.id_to_token(self.bos_id)
+    self.eos_token = None if self.eos_id is None else self._tok.id_to_token(self.eos_id)
     st = os.stat(path)
     self.fingerprint = f"hf:{os.path.abspath(path)}:{st.st_size}:{st.st_mtime_ns}"
 

@@ -12,7 +12,10 @@ from typing import Any
 
 from deepseek_jax import data as data_lib
 from deepseek_jax import optim
-from deepseek_jax.config import MOE_DISPATCHES
+from deepseek_jax.config import LORA_TARGETS, MOE_DISPATCHES
+
+DATA_FORMATS = ("text", "chat", "prompt_completion")
+BASE_DTYPES = ("float32", "bfloat16", "int8", "fp8")
 
 
 def _f(default, help: str, **meta):  # noqa: A002 - the flag's help text
@@ -32,15 +35,33 @@ class TrainConfig:
                                 choices=MOE_DISPATCHES)
   scan_layers: bool | None = _f(None, "Override the config's scan_layers.")
   remat: bool = _f(False, "Recompute layer activations in the backward pass.")
-  compute_dtype: str = _f("float32", "Compute dtype (parameters stay float32).",
+  compute_dtype: str = _f("float32", "Compute dtype (trained parameters stay float32).",
                           choices=("float32", "bfloat16"))
+  # fine-tuning
+  lora_rank: int = _f(0, "LoRA adapters of this rank on --lora_targets; only they are trained "
+                      "(0: train every weight).")
+  lora_alpha: float = _f(16.0, "LoRA scale alpha (the update is (x A) B * alpha / rank).")
+  lora_targets: tuple[str, ...] = _f(LORA_TARGETS, "Projection name patterns that get adapters, "
+                                     "e.g. self_attn.*, mlp.experts, mlp.shared_experts.*")
+  base_dtype: str = _f("float32", "Storage of the frozen base with --lora_rank: float32, "
+                       "bfloat16, int8 (per channel) or fp8 (128x128 blocks, as V3 is released); "
+                       "without LoRA the trained weights' dtype (float32 or bfloat16).",
+                       choices=BASE_DTYPES)
   # data
-  data: str = _f("", "Text files or directories, comma-separated.", required=True)
+  data: str = _f("", "Text files or directories, comma-separated; or a JSONL file with "
+                 "--data_format=chat|prompt_completion.", required=True)
+  data_format: str = _f("text", "text (files of plain text), chat (JSONL rows with messages) or "
+                        "prompt_completion (JSONL rows with prompt and completion).",
+                        choices=DATA_FORMATS)
+  eval_data: str | None = _f(None, "Held-out data in the same format: its loss is logged as "
+                             "eval_loss.")
+  eval_every: int = _f(100, "Steps between held-out evaluations (and at the end).")
   data_patterns: tuple[str, ...] = _f(data_lib.DEFAULT_PATTERNS,
                                       "File patterns searched in directories.")
   data_exclude: tuple[str, ...] = _f(data_lib.DEFAULT_EXCLUDE, "Directory names never entered.")
   max_data_bytes: int | None = _f(None, "Cap on the corpus size in bytes (files in sorted order).")
-  tokenizer: str = _f("byte", "'byte', a tokenizer.json, or a directory with one.")
+  tokenizer: str = _f("auto", "'byte', a tokenizer.json, a directory with one, or 'auto' (the "
+                      "--init_from directory's tokenizer.json when it has one, else 'byte').")
   seq_len: int = _f(256, "Tokens per sequence.")
   batch_size: int = _f(8, "Sequences per optimizer step (all micro-batches together).")
   grad_accum: int = _f(1, "Micro-batches per step (batch_size must divide evenly).")

@@ -6,7 +6,14 @@
   then, outside the gradient, every `RouterBias` variable (noaux_tc's correction bias) moves by
   γ·sign(mean load − load).
 
-`make_train_step` returns a pure function of (state, tokens); the loop in `trainer` jits it.
+A batch is {"tokens" [b, T+1]} (text: every next token is a target), plus for chat data
+"loss_mask" [b, T+1] (the tokens the loss counts: assistant replies) and "segment_ids" [b, T+1]
+(packed conversations: attention stays in a segment, positions restart, and no target crosses
+into the next conversation); a bare token array is a text batch.
+
+The state is {"params" (what is trained: every Param, or the LoRA adapters alone), "frozen" (a
+LoRA run's base weights; absent or empty otherwise), "rest" (router biases), "opt_state",
+"step"}. `make_train_step` returns a pure function of (state, batch); `trainer` jits it.
 """
 
 from __future__ import annotations
@@ -32,17 +39,46 @@ def expert_alpha(tc: TrainConfig, cfg: DeepseekConfig) -> float:
   return 0.0 if cfg.topk_method == "noaux_tc" else float(cfg.aux_loss_alpha)
 
 
+def as_batch(batch) -> dict[str, jax.Array]:
+  """A bare token array [..., T+1] as a text batch; a dict passes through."""
+  return batch if isinstance(batch, dict) else {"tokens": batch}
+
+
+def _segment_positions(seg: jax.Array) -> jax.Array:
+  """Positions restarting in every segment of seg [b, T] (jnp twin of chat.segment_positions)."""
+  idx = jnp.broadcast_to(jnp.arange(seg.shape[-1], dtype=jnp.int32), seg.shape)
+  new = jnp.concatenate([jnp.ones(seg.shape[:-1] + (1,), bool), seg[:, 1:] != seg[:, :-1]], -1)
+  return idx - jax.lax.cummax(jnp.where(new, idx, 0), axis=1)
+
+
 def make_loss_fn(graphdef, cfg: DeepseekConfig, tc: TrainConfig) -> Callable:
-  """loss(params, rest, tokens [b, T+1]) -> (total, aux dict) for one micro-batch."""
+  """loss(params, rest, batch, frozen=None) -> (total, aux) for one micro-batch (see above)."""
   alpha_v2 = expert_alpha(tc, cfg)
   n_main = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))  # routers before MTP's
 
-  def loss_fn(params, rest, tokens):
-    model = nnx.merge(graphdef, params, rest)
+  def loss_fn(params, rest, batch, frozen=None):
+    # fresh Variables for the frozen base at this trace level (nnx.scan refuses outer ones)
+    frozen = () if frozen is None else (jax.tree.map(lambda a: a, frozen),)
+    model = nnx.merge(graphdef, params, *frozen, rest)
+    batch = as_batch(batch)
+    tokens = batch["tokens"]
     inputs, targets = tokens[:, :-1], tokens[:, 1:]                      # [b, T]
-    out = model.forward(inputs, with_mtp=True)
-    ce, _ = losses.cross_entropy(out.logits, targets)
-    mtp, per_depth = losses.mtp_loss(out.mtp_logits, targets)
+    seg = batch.get("segment_ids")
+    mask = batch.get("loss_mask")
+    mask = None if mask is None else mask[:, 1:].astype(jnp.float32)    # the target counts
+    if seg is None:
+      out = model.forward(inputs, with_mtp=True)
+      real = None
+    else:
+      seg_in, seg_tgt = seg[:, :-1], seg[:, 1:]
+      out = model.forward(inputs, positions=_segment_positions(seg_in), segment_ids=seg_in,
+                          with_mtp=True)
+      same = (seg_tgt == seg_in).astype(jnp.float32)                     # no target across
+      mask = same if mask is None else mask * same
+      real = (seg_in > 0).astype(jnp.float32)                            # not padding
+    ce, n_targets = losses.cross_entropy(out.logits, targets, mask)
+    mtp, per_depth = losses.mtp_loss(out.mtp_logits, targets, mask,
+                                     None if seg is None else seg)
     aux = jnp.zeros((), jnp.float32)
     for i, r in enumerate(out.router):
       # An MTP block's balance terms belong to the MTP objective: weighted by λ as well, so that
@@ -50,15 +86,16 @@ def make_loss_fn(graphdef, cfg: DeepseekConfig, tc: TrainConfig) -> Callable:
       w = 1.0 if i < n_main else tc.mtp_weight
       if tc.seq_aux_alpha and w:
         aux += w * tc.seq_aux_alpha * losses.balance_loss(
-            r.scores, r.topk_idx, per_sequence=True, normalize_scores=True)
+            r.scores, r.topk_idx, mask=real, per_sequence=True, normalize_scores=True)
       if alpha_v2 and w:
         aux += w * alpha_v2 * losses.balance_loss(
-            r.scores, r.topk_idx, per_sequence=cfg.seq_aux, normalize_scores=False)
+            r.scores, r.topk_idx, mask=real, per_sequence=cfg.seq_aux, normalize_scores=False)
     total = ce + tc.mtp_weight * mtp + aux
     e = cfg.n_routed_experts or 1
-    counts = (jnp.stack([losses.expert_counts(r.topk_idx, e) for r in out.router])
+    counts = (jnp.stack([losses.expert_counts(r.topk_idx, e, real) for r in out.router])
               if out.router else jnp.zeros((0, e), jnp.float32))         # [R, E]
-    logs = {"loss": ce, "mtp_loss": mtp, "aux_loss": aux, "total_loss": total,
+    logs = {"loss": ce, "targets": n_targets, "mtp_loss": mtp, "aux_loss": aux,
+            "total_loss": total,
             "mtp_loss_depths": jnp.stack(per_depth) if per_depth else jnp.zeros((0,))}
     return total, (logs, counts)
 
@@ -89,38 +126,39 @@ def update_router_biases(rest, counts: jax.Array, speed: float):
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: DeepseekConfig,
                     tc: TrainConfig) -> Callable:
-  """step(state, tokens [A, b, T+1]) -> (state, metrics); A micro-batches (gradient accumulation).
-
-  state = {"params", "rest" (router biases), "opt_state", "step"}. Not jitted here.
+  """step(state, batch [A, b, T+1] leaves) -> (state, metrics); A micro-batches (gradient
+  accumulation). The state is described in the module docstring. Not jitted here.
   """
   # Differentiated with respect to the router biases too (their gradient is zero: they only steer
   # the discrete top-k choice, and it is discarded): nnx.scan refuses Variables that come from an
   # outer trace level, which a non-differentiated `rest` would be under a scanned model.
   vg = jax.value_and_grad(make_loss_fn(graphdef, cfg, tc), argnums=(0, 1), has_aux=True)
 
-  def grad_fn(params, rest, toks):
-    value, (grads, _) = vg(params, rest, toks)
+  def grad_fn(params, rest, batch, frozen):
+    value, (grads, _) = vg(params, rest, batch, frozen)
     return value, grads
 
   schedule = optim.schedule(tc.optim_config())
   has_bias = cfg.is_moe and cfg.topk_method == "noaux_tc"
 
-  def step(state, tokens):
-    params, rest = state["params"], state["rest"]
-    n_micro = tokens.shape[0]
+  def step(state, batch):
+    params, rest, frozen = state["params"], state["rest"], state.get("frozen")
+    batch = as_batch(batch)
+    n_micro = batch["tokens"].shape[0]
 
-    def micro(carry, toks):
-      (_, (logs, counts)), grads = grad_fn(params, rest, toks)
+    def micro(carry, b):
+      (_, (logs, counts)), grads = grad_fn(params, rest, b, frozen)
       acc = jax.tree.map(jnp.add, carry, (grads, logs, counts))
       return acc, None
 
-    zero = jax.eval_shape(lambda: grad_fn(params, rest, tokens[0]))
+    first = jax.tree.map(lambda a: a[0], batch)
+    zero = jax.eval_shape(lambda: grad_fn(params, rest, first, frozen))
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zero[1], zero[0][1][0],
                                                                 zero[0][1][1]))
     if n_micro == 1:
-      (grads, logs, counts), _ = micro(zero, tokens[0])
+      (grads, logs, counts), _ = micro(zero, first)
     else:
-      (grads, logs, counts), _ = jax.lax.scan(micro, zero, tokens)
+      (grads, logs, counts), _ = jax.lax.scan(micro, zero, batch)
       grads = jax.tree.map(lambda g: g / n_micro, grads)
       logs = jax.tree.map(lambda v: v / n_micro, logs)
     grad_norm = optax.tree.norm(grads)
@@ -131,7 +169,18 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: DeepseekCon
     load = jax.vmap(losses.load_stats)(counts)                            # per router [R]
     logs = dict(logs, grad_norm=grad_norm, lr=schedule(state["step"]),
                 **{f"load_{k}": v for k, v in load.items()})
-    new = {"params": params, "rest": rest, "opt_state": opt_state, "step": state["step"] + 1}
+    new = dict(state, params=params, rest=rest, opt_state=opt_state, step=state["step"] + 1)
     return new, logs
 
   return step
+
+
+def make_eval_step(graphdef, cfg: DeepseekConfig, tc: TrainConfig) -> Callable:
+  """eval(state, batch [b, T+1] leaves) -> (summed next-token loss, number of targets)."""
+  loss_fn = make_loss_fn(graphdef, cfg, tc)
+
+  def eval_step(state, batch):
+    _, (logs, _) = loss_fn(state["params"], state["rest"], batch, state.get("frozen"))
+    return logs["loss"] * logs["targets"], logs["targets"]
+
+  return eval_step

@@ -20,16 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepseek_jax import adapters, optim, sharding, train_data
 from deepseek_jax import data as data_lib
 from deepseek_jax import metrics as metrics_lib
-from deepseek_jax import optim, sharding
 from deepseek_jax.config import DeepseekConfig
 from deepseek_jax.dtypes import from_name
+from deepseek_jax.layers import LoRAParam
 from deepseek_jax.presets import get_preset
 from deepseek_jax.pretrained import from_pretrained, read_model_config
-from deepseek_jax.tokenizer import load_tokenizer
 from deepseek_jax.train_config import TrainConfig
-from deepseek_jax.train_step import make_train_step
+from deepseek_jax.train_step import make_eval_step, make_train_step
 from deepseek_jax.workdir import Checkpointer
 
 
@@ -62,9 +62,15 @@ def model_config(tc: TrainConfig) -> DeepseekConfig:
 
 def check_inputs(tc: TrainConfig, cfg: DeepseekConfig, n_batch_shards: int) -> None:
   """Clear errors for flags that cannot work together."""
-  for name in ("steps", "batch_size", "grad_accum", "save_every", "keep", "log_every", "seq_len"):
+  for name in ("steps", "batch_size", "grad_accum", "save_every", "keep", "log_every", "seq_len",
+               "eval_every"):
     if getattr(tc, name) < 1:
       raise ValueError(f"--{name}={getattr(tc, name)}: must be >= 1")
+  if tc.lora_rank < 0:
+    raise ValueError(f"--lora_rank={tc.lora_rank}: must be >= 0 (0: no adapters)")
+  if tc.base_dtype in ("int8", "fp8") and not tc.lora_rank:
+    raise ValueError(f"--base_dtype={tc.base_dtype} stores a frozen base: it needs "
+                     "--lora_rank > 0 (full fine-tuning trains float32 or bfloat16 weights)")
   if tc.seq_len > cfg.max_position_embeddings:
     raise ValueError(f"--seq_len={tc.seq_len} is above the model's max_position_embeddings="
                      f"{cfg.max_position_embeddings}")
@@ -113,14 +119,67 @@ def _bytes_per_device(tree) -> tuple[int, int]:
 
 
 def build_model(tc: TrainConfig, cfg: DeepseekConfig, dtype, echo, mesh):
-  """A fresh model (float32 parameters, `dtype` compute) created in its shards, or the --init_from
-  model read into them (`from_pretrained`: any of its three layouts)."""
+  """A fresh model (`dtype` compute) created in its shards, or the --init_from model read into
+  them (`from_pretrained`: any of its layouts); with --lora_rank, fresh adapters on top and the
+  base stored as --base_dtype says."""
+  quantized = tc.base_dtype in ("int8", "fp8")
+  param_dtype = jnp.bfloat16 if tc.base_dtype != "float32" else jnp.float32
   if not tc.init_from:
-    return sharding.create_sharded(cfg, mesh, rngs_seed=tc.seed, dtype=dtype,
-                                   param_dtype=jnp.float32)
-  echo(f"loading weights from {tc.init_from}")
-  return from_pretrained(tc.init_from, dtype=dtype, param_dtype=jnp.float32, mesh=mesh,
-                         **runtime_overrides(tc))
+    model = sharding.create_sharded(cfg.replace(weight_quant="none"), mesh, rngs_seed=tc.seed,
+                                    dtype=dtype, param_dtype=param_dtype)
+    if quantized:
+      raise ValueError("--base_dtype=int8|fp8 quantizes a pretrained base: pass --init_from")
+  else:
+    echo(f"loading weights from {tc.init_from}")
+    model = from_pretrained(tc.init_from, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
+                            weight_quant=tc.base_dtype if quantized else "none",
+                            **runtime_overrides(tc))
+  if tc.lora_rank:
+    model = adapters.with_adapters(model, rank=tc.lora_rank, alpha=tc.lora_alpha,
+                                   targets=tc.lora_targets, seed=tc.seed, mesh=mesh)
+  return model
+
+
+def run_meta(tc: TrainConfig, cfg: DeepseekConfig) -> dict[str, Any]:
+  """What a checkpoint records beside the model config: enough for `from_pretrained` to rebuild
+  a LoRA run's model (its base and adapter settings), and the run's flags."""
+  lora = adapters.lora_fields(tc.lora_rank, tc.lora_alpha, tc.lora_targets) if tc.lora_rank \
+      else None
+  return {"lora": {**lora, "lora_targets": list(tc.lora_targets)} if lora else None,
+          "init_from": os.path.abspath(tc.init_from) if tc.init_from else None,
+          "weight_quant": cfg.weight_quant, "train_config": tc.to_json()}
+
+
+def split_state(model, tx, tc: TrainConfig):
+  """(graphdef, train state): what is trained ("params": every Param, or the LoRA adapters), the
+  frozen base ("frozen", empty without LoRA), the rest (router biases), optimizer state, step."""
+  trainable = LoRAParam if tc.lora_rank else nnx.Param
+  graphdef, params, frozen, rest = nnx.split(model, trainable, nnx.Param, ...)
+  state = {"params": params, "frozen": frozen, "rest": rest,
+           "opt_state": jax.jit(tx.init)(params),  # the moments follow the parameters' shardings
+           "step": jnp.zeros((), jnp.int32)}
+  return graphdef, state
+
+
+def saved(state) -> dict[str, Any]:
+  """The part of the train state a checkpoint holds: all but the frozen base (rebuilt from
+  --init_from on resume)."""
+  return {k: v for k, v in state.items() if k != "frozen"}
+
+
+def to_devices(batch, spec):
+  """Each process transfers only the rows its own devices hold (multi-host: its share)."""
+  return jax.tree.map(lambda b: jax.make_array_from_callback(b.shape, spec, lambda i: b[i]),
+                      batch)
+
+
+def evaluate(eval_fn, state, dataset, tc: TrainConfig, spec) -> float:
+  """Mean next-token loss over the held-out set's targets."""
+  total = count = 0.0
+  for batch in train_data.eval_batches(dataset, tc.batch_size // tc.grad_accum):
+    s, n = jax.device_get(eval_fn(state, to_devices(batch, spec)))
+    total, count = total + float(s), count + float(n)
+  return total / max(count, 1.0)
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -164,28 +223,27 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
   mesh = make_mesh(tc)
   n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   check_inputs(tc, cfg, n_batch_shards)
-  tokenizer = load_tokenizer(tc.tokenizer)
+  tokenizer = train_data.make_tokenizer(tc)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"--tokenizer={tc.tokenizer}: vocab_size {tokenizer.vocab_size} exceeds the "
                      f"model's vocab_size {cfg.vocab_size}")
-  dataset = data_lib.make_dataset(tc.data, tokenizer, tc.seq_len, os.path.join(workdir, "data"),
-                                  patterns=tc.data_patterns, exclude=tc.data_exclude,
-                                  max_bytes=tc.max_data_bytes, log=echo)
+  dataset = train_data.make_dataset(tc, tokenizer, workdir, log=echo)
+  eval_set = (train_data.make_dataset(tc, tokenizer, workdir, path=tc.eval_data, log=echo)
+              if tc.eval_data else None)
   it = data_lib.DataIterator(dataset, tc.batch_size, tc.seed)
 
   tx = optim.make_optimizer(tc.optim_config())
   with jax.set_mesh(mesh):
     model = build_model(tc, cfg, dtype, echo, mesh)
     cfg = model.cfg
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, state = split_state(model, tx, tc)
     del model
-    state = {"params": params, "rest": rest, "opt_state": jax.jit(tx.init)(params),
-             "step": jnp.zeros((), jnp.int32)}  # the moments follow the parameters' shardings
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     start = 0
     if ckpt.latest_step() is not None:
-      state, position, meta = ckpt.restore(state)
+      restored, position, meta = ckpt.restore(saved(state))
+      state = dict(restored, frozen=state["frozen"])
       if meta["model_config"] != cfg.to_hf():
         raise ValueError(f"{workdir}: its checkpoint holds a different model config; use a new "
                          "--workdir or the same --preset/--config_json")
@@ -205,6 +263,8 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     step_fn = jax.jit(make_train_step(graphdef, tx, cfg, tc), donate_argnums=(0,),
                       out_shardings=(state_sh, replicated))
+    eval_fn = jax.jit(make_eval_step(graphdef, cfg, tc))
+    eval_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     peak, peak_src = metrics_lib.peak_flops_per_device(tc.peak_flops)
     flops_tok = cfg.flops_per_token(tc.seq_len, training=True)
     n_dev = mesh.devices.size
@@ -218,13 +278,17 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
     per_dev, total = _bytes_per_device(state)
     echo(f"mesh {dict(mesh.shape)}: train state {total / 2**20:.2f} MiB, at most "
          f"{per_dev / 2**20:.2f} MiB per device")
+    if tc.lora_rank:
+      n_train = sum(x.size for x in jax.tree.leaves(state["params"]))
+      echo(f"LoRA rank {tc.lora_rank} on {', '.join(tc.lora_targets)}: {n_train:,} trained "
+           f"parameters; the base is frozen in {tc.base_dtype}")
 
     tokens_per_step = tc.batch_size * tc.seq_len
     last: dict[str, Any] = {}
     pending = None  # (step, logs) of the last dispatched step, read after the next dispatch
     t_last, steps_since = time.perf_counter(), 0
 
-    def read(step_no, logs):
+    def read(step_no, logs, extra=None):
       nonlocal t_last, steps_since, last
       rec = _host_metrics(jax.device_get(logs), cfg)
       if not (math.isfinite(rec["total_loss"]) and math.isfinite(rec["grad_norm"])):
@@ -238,7 +302,7 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
       tps = tokens_per_step * steps_since / max(now - t_last, 1e-9)
       t_last, steps_since = now, 0
       rec = {"step": step_no, **rec, "tokens_per_s": tps,
-             "mfu": tps * flops_tok / (peak * n_dev), "time": time.time()}
+             "mfu": tps * flops_tok / (peak * n_dev), **(extra or {}), "time": time.time()}
       writer.write(rec)
       if tb:
         tb.scalars(step_no, rec)
@@ -248,24 +312,30 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
 
     try:
       for step_no in range(start + 1, tc.steps + 1):
-        batch = next(it).reshape(tc.grad_accum, tc.batch_size // tc.grad_accum, tc.seq_len + 1)
+        micro = (tc.grad_accum, tc.batch_size // tc.grad_accum, tc.seq_len + 1)
+        batch = jax.tree.map(lambda b: b.reshape(micro), next(it))
         position = it.state()
-        # each process transfers only the rows its own devices hold (multi-host: its share)
-        batch = jax.make_array_from_callback(batch.shape, batch_spec, lambda i, b=batch: b[i])
-        state, logs = step_fn(state, batch)
+        state, logs = step_fn(state, to_devices(batch, batch_spec))
         steps_since += 1
         if pending is not None:
           read(*pending)
           pending = None
-        want_log = step_no % tc.log_every == 0 or step_no == tc.steps or step_no == start + 1
+        want_eval = eval_set is not None and (step_no % tc.eval_every == 0
+                                              or step_no == tc.steps)
+        want_log = (step_no % tc.log_every == 0 or step_no == tc.steps or step_no == start + 1
+                    or want_eval)
+        extra = ({"eval_loss": evaluate(eval_fn, state, eval_set, tc, eval_spec)}
+                 if want_eval else None)
         if step_no % tc.save_every == 0 or step_no == tc.steps:
           if want_log:
-            read(step_no, logs)  # checks the loss before the state is saved
+            read(step_no, logs, extra)  # checks the loss before the state is saved
           else:
             rec = jax.device_get(logs)
             if not (np.isfinite(rec["total_loss"]) and np.isfinite(rec["grad_norm"])):
               read(step_no, logs)  # raises with the message
-          ckpt.save(step_no, state, position, cfg)
+          ckpt.save(step_no, saved(state), position, cfg, run_meta(tc, cfg))
+        elif want_eval:
+          read(step_no, logs, extra)
         elif want_log:
           pending = (step_no, logs)
       if pending is not None:

@@ -104,6 +104,15 @@ def _stored_paths(state_dir: str) -> dict[str, str]:
   return out
 
 
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+  """The meta record of a workdir's latest checkpoint (model config, layout, LoRA settings)."""
+  ckpt = _open(path)
+  try:
+    return ckpt.meta()
+  finally:
+    ckpt.close()
+
+
 def read_config(path: str | os.PathLike) -> DeepseekConfig:
   """The model config of a workdir's latest checkpoint, in the layout it was saved in
   (`scan_layers`)."""

@@ -29,9 +29,13 @@ import math
 from typing import Mapping
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 from deepseek_jax.config import DeepseekConfig
-from deepseek_jax.params import abstract_model, flat_state
+from deepseek_jax.layers import LoRAParam
+from deepseek_jax.params import abstract_model, flat_state, flatten
 from deepseek_jax.sharding.mesh import AXES
 from deepseek_jax.sharding.rules import DEFAULT_RULES, MeshAxes, _as_tuple, spec_for
 
@@ -123,20 +127,29 @@ def _mesh_shape(mesh_shape: Mapping[str, int]) -> dict[str, int]:
   return {a: int(mesh_shape.get(a, 1)) for a in AXES}
 
 
-def param_elements_per_device(cfg: DeepseekConfig, mesh_shape: Mapping[str, int],
-                              rules: Mapping[str, MeshAxes] | None = None) -> int:
-  """Elements of every variable's shard on one device (stacked layout: shapes only)."""
+def shard_sizes(cfg: DeepseekConfig, mesh_shape: Mapping[str, int],
+                rules: Mapping[str, MeshAxes] | None = None, *, param_dtype=jnp.bfloat16
+                ) -> dict[str, tuple[int, int, bool]]:
+  """{path: (elements of its shard on one device, bytes per element, is a LoRA adapter)} of every
+  variable (stacked layout; shapes and dtypes from the abstract model, nothing allocated)."""
   sizes = _mesh_shape(mesh_shape)
   mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in AXES), AXES)
-  total = 0
-  for path, v in flat_state(abstract_model(cfg.replace(scan_layers=True))).items():
-    spec = spec_for(path, tuple(v.shape), mesh, rules)
+  abstract = abstract_model(cfg.replace(scan_layers=True), param_dtype=param_dtype)
+  lora = set(flatten(nnx.to_pure_dict(nnx.state(abstract, LoRAParam))))
+  out = {}
+  for path, v in flat_state(abstract).items():
     n = math.prod(v.shape)
-    for axes in spec:
+    for axes in spec_for(path, tuple(v.shape), mesh, rules):
       for a in (() if axes is None else (axes,) if isinstance(axes, str) else axes):
         n //= sizes[a]
-    total += n
-  return total
+    out[path] = (n, np.dtype(v.dtype).itemsize, path in lora)
+  return out
+
+
+def param_elements_per_device(cfg: DeepseekConfig, mesh_shape: Mapping[str, int],
+                              rules: Mapping[str, MeshAxes] | None = None) -> int:
+  """Elements of every variable's shard on one device."""
+  return sum(n for n, _, _ in shard_sizes(cfg, mesh_shape, rules).values())
 
 
 def activation_bytes(cfg: DeepseekConfig, mesh_shape: Mapping[str, int], batch: int,
@@ -164,19 +177,38 @@ def activation_bytes(cfg: DeepseekConfig, mesh_shape: Mapping[str, int], batch: 
 
 
 def memory_plan(config: DeepseekConfig, mesh_shape: Mapping[str, int], batch: int, seq_len: int, *,
-         training: bool = True, param_bytes: int = 2,
-         rules: Mapping[str, MeshAxes] | None = None) -> Plan:
+                training: bool = True, param_bytes: int = 2, lora_rank: int = 0,
+                weight_quant: str = "none",
+                rules: Mapping[str, MeshAxes] | None = None) -> Plan:
   """Per-device memory of `config` on a mesh of `mesh_shape` ({"fsdp": 64, "expert": 4}; axes
-  not given are 1) for `batch` sequences of `seq_len` tokens."""
+  not given are 1) for `batch` sequences of `seq_len` tokens.
+
+  Full training or inference: every parameter in `param_bytes`. With `lora_rank` (LoRA
+  fine-tuning of a frozen base, `config.lora_targets`) or `weight_quant` ("int8", "fp8": the
+  frozen base stored so, with its scales), each variable counts in its own dtype (the base in
+  `param_bytes`, adapters float32), and gradients and AdamW moments exist for the adapters only.
+  """
   sizes = _mesh_shape(mesh_shape)
-  elements = param_elements_per_device(config, sizes, rules)  # raises on indivisible parameters
+  cfg = config.replace(lora_rank=lora_rank, weight_quant=weight_quant)
+  dtypes = {1: jnp.float8_e4m3fn, 2: jnp.bfloat16, 4: jnp.float32}
+  if param_bytes not in dtypes:
+    raise ValueError(f"param_bytes={param_bytes}: expected 1 (fp8), 2 (bfloat16) or 4 (float32)")
+  dtype = dtypes[param_bytes]
+  table = shard_sizes(cfg, sizes, rules, param_dtype=dtype)  # raises on indivisible params
   shards = batch_shards(sizes, rules)
   if batch % shards:
     axes = " x ".join(_as_tuple((DEFAULT_RULES if rules is None else rules).get("batch")))
     raise ValueError(f"batch={batch} is not divisible by {axes} = {shards} (the batch rule's "
                      "mesh axes)")
-  params = elements * param_bytes
-  grads = params if training else 0
-  opt = elements * (8 + (4 if param_bytes < 4 else 0)) if training else 0
   acts = activation_bytes(config, sizes, batch, seq_len, training=training, rules=rules)
+  elements = sum(n for n, _, _ in table.values())
+  if not lora_rank and weight_quant == "none":  # every parameter in param_bytes, all trained
+    params = elements * param_bytes
+    grads = params if training else 0
+    opt = elements * (8 + (4 if param_bytes < 4 else 0)) if training else 0
+    return Plan(sizes, elements, params, grads, opt, acts)
+  params = sum(n * b for n, b, _ in table.values())
+  trained = sum(n for n, _, lora in table.values() if lora)
+  grads = trained * 4 if training else 0
+  opt = trained * 8 if training else 0
   return Plan(sizes, elements, params, grads, opt, acts)

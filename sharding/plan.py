@@ -30,6 +30,10 @@ flags.DEFINE_string("device", None, f"one of {sorted(DEVICE_MEMORY)}, optionally
                     "size (v5p-256: TPU names count cores); default: all, no size")
 flags.DEFINE_string("device_memory", None, "memory per device instead, e.g. 95GiB or 80GB")
 flags.DEFINE_string("rules", "", "rule overrides, e.g. experts=expert,embed=fsdp")
+flags.DEFINE_integer("lora_rank", 0, "LoRA fine-tuning of a frozen base with adapters of this "
+                     "rank (with --train: gradients and AdamW state for the adapters only)")
+flags.DEFINE_enum("weight_quant", "none", ["none", "int8", "fp8"],
+                  "the frozen base stored quantized (with --lora_rank)")
 FLAGS = flags.FLAGS
 
 
@@ -50,8 +54,13 @@ def main(argv) -> None:
   cfg = DeepseekConfig.from_hf(f.config_json) if f.config_json else get_preset(f.preset)
   sizes = resolve_mesh(f.mesh, f.device)
   p = memory_plan(cfg, sizes, f.batch, f.seq_len, training=f.train, param_bytes=f.param_bytes,
-           rules=parse_rules(f.rules) if f.rules else None)
-  print(("training" if f.train else "inference") + f", batch {f.batch} x {f.seq_len} tokens")
+                  lora_rank=f.lora_rank, weight_quant=f.weight_quant,
+                  rules=parse_rules(f.rules) if f.rules else None)
+  mode = "training" if f.train else "inference"
+  if f.lora_rank:
+    base = f.weight_quant if f.weight_quant != "none" else f"{f.param_bytes}-byte"
+    mode = f"LoRA rank {f.lora_rank} {mode}, base {base}"
+  print(mode + f", batch {f.batch} x {f.seq_len} tokens")
   print(p.table())
   if f.device_memory:
     targets = [f.device_memory]

@@ -70,16 +70,54 @@ def parse_rules(text: str, base: Mapping[str, MeshAxes] | None = None) -> dict[s
   return rules
 
 
-def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-  """Logical axis names of the parameter at dotted `path` with `ndim` dimensions."""
-  stacked = path.startswith(STACKS)
-  base_ndim = ndim - 1 if stacked else ndim
+# Variables derived from a weight W [..., in, out]: its LoRA adapter A [..., in, r] and
+# B [..., r, out] follow W's sharding on the axes they share; quantization scales are split only
+# along the experts (their other dimensions are per channel or per 128-block, small).
+_DERIVED = ((".lora_a", ".kernel", "a"), (".lora_b", ".kernel", "b"),
+            (".kernel_scale", ".kernel", "scale"), ("_lora_a", "", "a"), ("_lora_b", "", "b"),
+            ("_scale", "", "scale"))
+
+
+def _table_axes(path: str) -> tuple[str | None, ...] | None:
+  """The PARAM_AXES entry whose suffix `path` ends with (no leading layers axis), or None."""
   for suffix, axes in PARAM_AXES:
     if path == suffix or path.endswith("." + suffix):
-      if len(axes) != base_ndim:
-        raise ValueError(f"parameter {path}: {ndim} dimensions, but the rules table gives "
-                         f"{suffix} the axes {axes}{' plus a leading layers axis' if stacked else ''}")
-      break
+      return axes
+  return None
+
+
+def _derived_axes(path: str, ndim: int) -> tuple[str | None, ...] | None:
+  """Axes of an adapter or a scale from its weight's (see _DERIVED); None for other paths."""
+  for suffix, base_suffix, kind in _DERIVED:
+    base = path[:-len(suffix)] + base_suffix
+    if not path.endswith(suffix) or _table_axes(base) is None:
+      continue
+    lead = (("layers",) if path.startswith(STACKS) else ()) + _table_axes(base)[:-2]
+    ax_in, ax_out = _table_axes(base)[-2:]
+    if kind == "a":
+      return lead + (ax_in, None)
+    if kind == "b":
+      return lead + (None, ax_out)
+    keep = tuple(a if a in ("layers", "experts") else None for a in lead)
+    return keep + (None,) * (ndim - len(keep))
+  return None
+
+
+def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+  """Logical axis names of the parameter at dotted `path` with `ndim` dimensions."""
+  derived = _derived_axes(path, ndim)
+  if derived is not None:
+    if len(derived) != ndim:
+      raise ValueError(f"parameter {path}: {ndim} dimensions, but its weight's axes give "
+                       f"{derived}")
+    return derived
+  stacked = path.startswith(STACKS)
+  base_ndim = ndim - 1 if stacked else ndim
+  axes = _table_axes(path)
+  if axes is not None:
+    if len(axes) != base_ndim:
+      raise ValueError(f"parameter {path}: {ndim} dimensions, but the rules table gives it the "
+                       f"axes {axes}{' plus a leading layers axis' if stacked else ''}")
   else:
     if base_ndim > 1:
       raise ValueError(f"parameter {path}: {ndim}-D and not in sharding.rules.PARAM_AXES; add "

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def run(*args: str, devices: int = 8, timeout: int = 240) -> list[dict]:
+def run(*args: str, devices: int = 8, timeout: int = 900) -> list[dict]:
   """Runs this worker with `devices` host CPU devices; its JSON lines (tests call this)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
@@ -243,6 +243,55 @@ def pretrained(hf_dir: str, orbax_dir: str, workdir: str) -> None:
           flush=True)
 
 
+def lora() -> None:
+  """A LoRA model (scanned, adapters on every projection, routed experts included) on an
+  fsdp 2 x expert 4 mesh: adapters placed as their weights are, and one training step's loss and
+  adapter update equal one device's."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from deepseek_jax import adapters, get_preset, optim, sharding
+  from deepseek_jax.layers import LoRAParam
+  from deepseek_jax.model import DeepseekForCausalLM
+  from deepseek_jax.train_config import TrainConfig
+  from deepseek_jax.train_step import make_train_step
+
+  cfg = get_preset("tiny_v3", num_hidden_layers=2, scan_layers=True)
+  tc = TrainConfig(learning_rate=1e-2, warmup_steps=0)
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 8, 17)).astype(np.int32)
+  tx = optim.make_optimizer(tc.optim_config())
+
+  def one_step(model, mesh=None):
+    graphdef, params, frozen, rest = nnx.split(model, LoRAParam, nnx.Param, ...)
+    state = {"params": params, "frozen": frozen, "rest": rest, "opt_state": tx.init(params),
+             "step": jnp.zeros((), jnp.int32)}
+    step = jax.jit(make_train_step(graphdef, tx, model.cfg, tc))
+    if mesh is None:
+      return step(state, tokens)
+    with jax.set_mesh(mesh):
+      spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, ("data", "fsdp")))
+      return step(state, jax.device_put(tokens, spec))
+
+  base = DeepseekForCausalLM(cfg, rngs=nnx.Rngs(0))
+  ref_state, ref_logs = one_step(adapters.with_adapters(base, rank=4, seed=1))
+  mesh = sharding.make_mesh(fsdp=2, expert=4)
+  sharded = adapters.with_adapters(sharding.shard_model(base, mesh), rank=4, seed=1, mesh=mesh)
+  want = sharding.model_shardings(sharded.cfg, mesh, scanned=True)
+  lora = adapters.adapter_state(sharded)
+  wrong = [p for p, v in lora.items() if not v.sharding.is_equivalent_to(want[p], v.ndim)]
+  expert_a = next(p for p in lora if "experts.gate_proj_lora_a" in p)
+  state, logs = one_step(sharded, mesh)
+  diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(ref_state["params"])))
+  print(json.dumps({"wrong": wrong, "adapters": len(lora),
+                    "expert_adapter_shard": list(lora[expert_a].addressable_shards[0].data.shape),
+                    "expert_adapter_shape": list(lora[expert_a].shape),
+                    "loss": float(logs["loss"]), "ref_loss": float(ref_logs["loss"]),
+                    "param_diff": diff}), flush=True)
+
+
 if __name__ == "__main__":
   cmd = sys.argv[1]
   if cmd == "models":
@@ -251,6 +300,8 @@ if __name__ == "__main__":
     ep()
   elif cmd == "step":
     step(*map(int, sys.argv[2:5]))
+  elif cmd == "lora":
+    lora()
   elif cmd == "pretrained":
     pretrained(*sys.argv[2:5])
   else:

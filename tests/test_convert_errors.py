@@ -113,7 +113,7 @@ def test_cli_reports_the_error(release, tmp_path):
   expected = _break(d, "wrong_shape")
   r = subprocess.run([sys.executable, "-m", "deepseek_jax.convert.hf_to_orbax", f"--hf_dir={d}",
                       f"--output_dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True,
-                     text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+                     text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode != 0 and all(p in r.stderr for p in expected), r.stderr[-2000:]
   assert sorted(os.listdir(tmp_path)) == ["hf"]
 
@@ -122,14 +122,14 @@ def test_cli_converts_and_refuses_to_overwrite(release, tmp_path):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   args = [sys.executable, "-m", "deepseek_jax.convert.hf_to_orbax", f"--hf_dir={release}",
           f"--output_dir={tmp_path / 'o'}", "--dtype=float32"]
-  r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+  r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "hf_to_orbax: 100%" in r.stderr and "B/s" in r.stderr  # the progress bar (tqdm)
-  r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+  r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
   assert r.returncode != 0 and "not empty" in r.stderr
   r = subprocess.run([sys.executable, "-m", "deepseek_jax.convert.orbax_to_hf", f"--checkpoint_dir={tmp_path / 'o'}",
                       f"--output_dir={tmp_path / 'h'}", "--max_shard_size=50KB"],
-                     cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+                     cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
   assert r.returncode == 0, r.stderr[-2000:]
   with SafetensorsDir(release) as a, SafetensorsDir(tmp_path / "h") as b:
     assert sorted(a.keys()) == sorted(b.keys())

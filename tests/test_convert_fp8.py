@@ -106,6 +106,7 @@ def test_loaded_weights_equal_numpy_dequantization(release):
   assert checked > 10 and partial  # several weights span more than one block
 
 
+@pytest.mark.torch
 def test_logits_match_transformers_on_dequantized_weights(release):
   root, _, _ = release
   hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(root / "deq"), dtype="float32").eval()
@@ -180,3 +181,31 @@ def test_from_pretrained_dequantizes_kept_fp8_like_the_release(release, tmp_path
   for k in direct:
     assert kept[k].dtype == direct[k].dtype, k
     np.testing.assert_array_equal(np.asarray(kept[k]), np.asarray(direct[k]), err_msg=k)
+
+
+def test_fp8_base_keeps_the_released_fp8_weights(release):
+  """from_pretrained(weight_quant="fp8") on an FP8 release: each FP8 weight stays the release's
+  bytes (transposed to our layout) with its block scales, dequantized only inside the forward,
+  and the model computes what the dequantized release computes."""
+  from deepseek_jax import from_pretrained
+  from deepseek_jax.params import flat_state
+  root, q, block = release
+  base = from_pretrained(root / "fp8", dtype=jnp.float32, weight_quant="fp8",
+                         moe_dispatch="dense")
+  flat = flat_state(base)
+  cfg, kept = load_hf(root / "fp8", dtype=jnp.float32, keep_fp8=True)
+  checked = 0
+  for e in names.entries(cfg):
+    if fp8.is_quantized_name(e.hf[0]):
+      np.testing.assert_array_equal(np.asarray(flat[e.ours]).view(np.uint8),
+                                    np.asarray(kept[e.ours]).view(np.uint8), err_msg=e.ours)
+      np.testing.assert_array_equal(np.asarray(flat[e.ours + "_scale"]),
+                                    np.asarray(kept[e.ours + fp8.SCALE_SUFFIX]))
+      checked += 1
+  assert checked > 10
+  # dequantized inside the forward: the same logits as the same weights dequantized up front
+  from deepseek_jax.adapters import merge_adapters
+  dequantized = merge_adapters(base)
+  assert dequantized.cfg.weight_quant == "none"
+  np.testing.assert_allclose(np.asarray(base(jnp.asarray(IDS))),
+                             np.asarray(dequantized(jnp.asarray(IDS))), atol=1e-5, rtol=1e-5)

@@ -52,7 +52,7 @@ def _generate(directory, layers, cfg=None):
 
 def _peak(tmp_path, small, big, name):
   out = subprocess.run([sys.executable, "-c", _CHILD, str(small), str(big), str(tmp_path / name)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=240,
+                       cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
                             # glibc gives each writer thread its own heap arena, whose freed
                             # pages linger in RSS; two arenas measure our buffers, not that

@@ -100,7 +100,7 @@ def test_plan_text_and_cli(tmp_path, plan):
   assert "671.0B without MTP" in text and "model.layers.3.mlp.experts.255.down_proj.weight" in text
   (tmp_path / "config.json").write_text(json.dumps(V3_CONFIG))
   out = subprocess.run([sys.executable, "-m", "deepseek_jax.convert.plan", f"--config={tmp_path / 'config.json'}"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert out.returncode == 0, out.stderr[-2000:]
   line = next(l for l in out.stdout.splitlines()

@@ -18,6 +18,7 @@ from deepseek_jax.convert.safetensors_read import INDEX_NAME, SafetensorsDir
 from deepseek_jax.convert.safetensors_write import TensorSpec, write_sharded
 from deepseek_jax.convert.to_hf import export
 from deepseek_jax.convert.to_orbax import convert
+from deepseek_jax.export_hf import export_any
 from deepseek_jax import checkpoint, from_pretrained, get_preset, workdir
 from deepseek_jax.model import DeepseekForCausalLM
 from deepseek_jax.params import flat_state
@@ -39,6 +40,7 @@ def _shards(d):
   return json.loads((d / INDEX_NAME).read_text())["weight_map"].values()
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("name", ["tiny_v3", "tiny_v2", "tiny_v2_lite"])
 def test_round_trip_is_bit_identical_and_transformers_agrees(tmp_path, name):
   cfg = get_preset(name, num_nextn_predict_layers=0)
@@ -76,6 +78,7 @@ def test_bfloat16_release_round_trips_in_bfloat16(tmp_path):
   _same_tensors(tmp_path / "bf16", tmp_path / "out")
 
 
+@pytest.mark.torch
 def test_mtp_tensors_and_copies_round_trip(tmp_path):
   cfg = get_preset("tiny_v3")
   flat = {k: np.asarray(v) for k, v in flat_state(DeepseekForCausalLM(cfg, rngs=nnx.Rngs(1))).items()}
@@ -119,6 +122,7 @@ def test_read_params_places_and_casts_as_the_targets_say(tmp_path):
       "bfloat16"}
 
 
+@pytest.mark.torch
 def test_entries_cover_every_released_tensor(tmp_path):
   cfg = get_preset("tiny_v3", num_nextn_predict_layers=0)
   save_hf(cfg, tmp_path)
@@ -140,7 +144,7 @@ def test_trainer_workdir_exports_to_the_released_layout(tmp_path):
   cfg = workdir.read_config(tmp_path / "run")
   flat = workdir.read_params(tmp_path / "run", default_targets(cfg, jnp.float32))
   assert cfg.num_nextn_predict_layers == 1 and set(flat) == set(trained)
-  export(tmp_path / "run", tmp_path / "hf")
+  export_any(tmp_path / "run", tmp_path / "hf")
   _, back = load_hf(tmp_path / "hf", dtype=jnp.float32)
   assert set(back) == set(trained)
   for k in trained:

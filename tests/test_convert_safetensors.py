@@ -9,9 +9,7 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
-import torch
 from safetensors.numpy import save_file as lib_save_numpy
-from safetensors.torch import load_file as lib_load_torch
 
 from deepseek_jax.convert import safetensors_read as sio
 from deepseek_jax.convert import safetensors_write as siw
@@ -37,6 +35,7 @@ def _bits(a):
   return np.ascontiguousarray(a).reshape(-1).view(np.uint8)
 
 
+@pytest.mark.torch
 def test_written_files_read_back_bit_exact_by_us_and_the_library(tmp_path):
   t = _tensors()
   path = tmp_path / "x.safetensors"
@@ -49,6 +48,8 @@ def test_written_files_read_back_bit_exact_by_us_and_the_library(tmp_path):
       np.testing.assert_array_equal(_bits(got), _bits(v), err_msg=k)
       np.testing.assert_array_equal(_bits(f.view(k)), _bits(v), err_msg=k)
     assert f.info("fp8").dtype == "F8_E4M3"
+  import torch  # the library's own reader, as an independent check (marked torch)
+  from safetensors.torch import load_file as lib_load_torch
   lib = lib_load_torch(str(path))
   assert lib["fp8"].dtype == torch.float8_e4m3fn and lib["bf16"].dtype == torch.bfloat16
   for k, v in t.items():

@@ -35,6 +35,7 @@ def _hf_greedy(model, prompt, n, eos):
   return seq[0, len(prompt):].tolist()
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("name", FAMILIES)
 def test_greedy_matches_transformers_generate(checkpoints, name):
   d, hf = checkpoints[name]

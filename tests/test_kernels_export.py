@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import triton as pltriton
 
 from deepseek_jax.kernels_pallas import BlockSizes, gmm, mla_decode_attention, tgmm
@@ -78,19 +79,33 @@ def test_lowers_for_cuda(name):
   jax.export.export(jax.jit(fn), platforms=("cuda",))(*args)
 
 
-@pytest.mark.filterwarnings("ignore:Using ``pl.pallas_call`` for Mosaic GPU:DeprecationWarning")
+def _abstract_gpu():
+  """jax >= 0.11 lowers Pallas for a GPU from a CPU host only for a named abstract GPU device
+  ("No supported GPU devices found, please specify an abstract GPU device using AbstractDevice");
+  jax 0.10 accepts the same context and needs none."""
+  dev = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="gpu")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
+                                   abstract_device=dev)
+  return jax.sharding.use_abstract_mesh(mesh)
+
+
+@pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 @pytest.mark.parametrize("backend", ["mosaic_gpu", "triton"])
 def test_cpu_jaxlib_lowers_pallas_for_cuda(backend):
-  """Control: an elementwise Pallas kernel lowers for CUDA here, through either GPU backend."""
+  """Control: an elementwise Pallas kernel lowers for CUDA here, through either GPU backend
+  (Mosaic GPU through `plgpu.kernel`: jax 0.12 dropped it from `pl.pallas_call`)."""
 
   def double(x_ref, o_ref):
     o_ref[...] = x_ref[...] * 2
 
-  params = pltriton.CompilerParams() if backend == "triton" else None
-  f = lambda x: pl.pallas_call(double, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), compiler_params=params)(x)
+  out = jax.ShapeDtypeStruct((16, 128), jnp.float32)
+  if backend == "triton":
+    f = lambda x: pl.pallas_call(double, out_shape=out, compiler_params=pltriton.CompilerParams())(x)
+  else:
+    f = lambda x: plgpu.kernel(double, out_type=out)(x)
   # The Triton custom call has no serialisation guarantee; export needs to be told so.
   checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-  exported = jax.export.export(jax.jit(f), platforms=("cuda",), disabled_checks=checks)(
-      jax.ShapeDtypeStruct((16, 128), jnp.float32))
+  with _abstract_gpu():
+    exported = jax.export.export(jax.jit(f), platforms=("cuda",), disabled_checks=checks)(out)
   want = "triton" if backend == "triton" else "mosaic_gpu"
   assert any(want in c for c in _custom_calls(exported)), _custom_calls(exported)

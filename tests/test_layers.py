@@ -3,11 +3,12 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from deepseek_jax import get_preset
 from deepseek_jax.pretrained import from_pretrained
 from hf_reference import save_hf
+
+pytestmark = pytest.mark.torch  # the transformers oracle (needs torch)
 
 FAMILIES = ["tiny_v3", "tiny_v2", "tiny_v2_lite"]
 
@@ -30,6 +31,7 @@ def _hidden(cfg, b=2, t=11, seed=0):
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("absorb", [False, True], ids=["expanded", "absorbed"])
 def test_attention_alone(pairs, name, absorb):
+  import torch
   cfg, hf, ours = pairs[name]
   x = _hidden(cfg)
   b, t = x.shape[:2]
@@ -46,6 +48,7 @@ def test_attention_alone(pairs, name, absorb):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_router_chooses_the_reference_experts(pairs, name):
+  import torch
   cfg, hf, ours = pairs[name]
   x = _hidden(cfg).reshape(-1, cfg.hidden_size)
   with torch.no_grad():
@@ -61,6 +64,7 @@ def test_router_chooses_the_reference_experts(pairs, name):
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("dispatch", ["dense", "ragged", "blocked"])
 def test_moe_block_alone(pairs, name, dispatch):
+  import torch
   cfg, hf, ours = pairs[name]
   x = _hidden(cfg)
   with torch.no_grad():

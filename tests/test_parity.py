@@ -8,6 +8,8 @@ from deepseek_jax import get_preset
 from deepseek_jax.pretrained import from_pretrained
 from hf_reference import hf_logits, save_hf
 
+pytestmark = pytest.mark.torch  # the transformers oracle (needs torch)
+
 # tiny_v3: q low-rank, sigmoid, noaux_tc with a random nonzero correction bias, n_group 4 and
 #   topk_group 2, norm_topk_prob, routed_scaling_factor 2.5, first_k_dense_replace 1,
 #   YaRN factor 4 with mscale_all_dim set.

@@ -30,6 +30,7 @@ def _export(cfg, flat, directory):
   return tensors
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("name", ["tiny_v3", "tiny_v2", "tiny_v2_lite"])
 def test_table_covers_exactly_what_transformers_writes(name, tmp_path):
   cfg = get_preset(name, num_nextn_predict_layers=0)

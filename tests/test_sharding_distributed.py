@@ -13,7 +13,7 @@ import pytest
 from sharding_worker import ROOT, run
 
 WORKER = os.path.join(ROOT, "tests", "sharding_worker.py")
-TIMEOUT_S = 150
+TIMEOUT_S = 600
 
 
 def _free_port() -> int:

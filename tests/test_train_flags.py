@@ -42,7 +42,7 @@ def test_choices_are_checked_in_python_too():
 
 def test_cli_help_lists_every_field():
   r = subprocess.run([sys.executable, "-m", "deepseek_jax.train", "--helpshort"], cwd=ROOT,
-                     capture_output=True, text=True, timeout=120,
+                     capture_output=True, text=True, timeout=300,
                      env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert "Try --helpfull" in r.stdout, r.stderr[-2000:]  # absl exits 1 after help
   missing = [f.name for f in dataclasses.fields(TrainConfig)
