@@ -360,7 +360,8 @@ def markdown(res: dict) -> str:
   targets = []
   g = s.get("gmm")
   if g and g["rows"]:
-    out += [f"Grouped matmul, V3 experts (E=256, top-8), bf16, Triton blocks {g['block_sizes']}:",
+    out += [f"Grouped matmul, V3 experts (hidden {V3['hidden']}, width {V3['width']}, "
+            f"E={V3['experts']}, top-{V3['top_k']}), bf16, Triton blocks {g['block_sizes']}:",
             "", common.table(
                 ["tokens", "proj", "ours fwd TFLOP/s", "ours bwd TFLOP/s", "ragged_dot fwd",
                  "ragged_dot bwd", "fwd vs dense", "bwd vs dense", "fwd vs ragged",
@@ -421,6 +422,7 @@ def main():
   p.add_argument("--full", action="store_true", help="longer sweeps, ragged training too")
   p.add_argument("--out", default=None, help="also write gpu.json and gpu.md here")
   p.add_argument("--smoke", action="store_true", help="toy sizes on any backend (a script check)")
+  p.add_argument("--quick", action="store_true", help="(run_all's flag; the default is short)")
   args = p.parse_args()
   run = Run(args.budget, args.out)
   run.res["jax"] = jax.__version__
