@@ -36,6 +36,8 @@ BENCHES = [
     ("kernels", ["bench/kernels.py"], 600, "grouped matmul and MLA decode kernels"),
     ("sharding", ["bench/sharding.py"], 600,
      "a MoE layer on 8 devices: expert parallelism vs XLA's partitioning vs one device"),
+    ("gpu", ["bench/gpu.py"], 400,
+     "GPU only: Triton grouped matmul and MLA decode against the device's roofs, ~1B-model MFU"),
 ]
 
 
@@ -108,12 +110,14 @@ run's.
 PORTABILITY = """### Portability (checked by `make test`, not timed here)
 
 `tests/test_export.py` lowers, from this CPU with `jax.export(platforms=...)`, the forward pass,
-one training step and one decode step for `tpu` (with the Pallas grouped matmul and the MLA
-decode kernel in the module as `tpu_custom_call`s) and for `cuda` (ragged_dot dispatch, XLA
-decode attention). `tests/test_kernels_export.py` lowers each Pallas kernel for TPU; for CUDA
-they are expected to fail (strict xfail): they are written for Mosaic TPU, so on GPUs the
-defaults are `ragged` dispatch and XLA decode attention. No GPU or TPU took part in this run, so
-there are no accelerator figures (MFU, decode tokens/s, kernel throughput) here.
+one training step and one decode step for `tpu` (the Pallas grouped matmul and MLA decode kernel
+as Mosaic `tpu_custom_call`s) and for `cuda` and `rocm` (the same ops as Triton kernels,
+`__gpu$xla.gpu.triton` custom calls named `gmm_triton`, `tgmm_triton`, `mla_decode_triton`),
+naming the target GPU with `kernels_pallas.abstract_gpu`. `tests/test_kernels_export.py` lowers
+each kernel for TPU, for CUDA (H100, A100) and for ROCm (MI300X, `gfx942`). No GPU or TPU took
+part in this run, so there are no accelerator figures here: `bench/gpu.py` is the prepared GPU
+run (dense bf16 and bandwidth roofs, grouped matmul at DeepSeek-V3 expert shapes against XLA
+`ragged_dot`, MLA decode GB/s, ~1B-model training MFU; `timeout 360 python bench/gpu.py`).
 """
 
 

@@ -13,7 +13,7 @@ Two equal ways to compute it:
 - absorbed: fold W_uk into the query (q_lat,h = W_uk,hᵀ q_nope,h), attend over the latent itself,
   and apply W_uv after the weighted sum; only c_kv and k_pe are ever read (decoding). A decode
   step (one token per sequence) can run it through the Pallas flash-decoding kernel
-  (`cfg.mla_decode`; by default on TPU).
+  (`cfg.mla_decode`; by default on TPUs and GPUs).
 
 Legend: B batch, T query length, S key length, D hidden, H heads, C kv_lora_rank,
 N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim.
@@ -67,9 +67,10 @@ def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
 
 def use_decode_kernel(cfg: DeepseekConfig, platform: str | None = None) -> bool:
   """Whether absorbed decode steps use the Pallas MLA kernel: `cfg.mla_decode`, where "auto" means
-  on TPU (the kernel is written for Mosaic TPU; elsewhere XLA's fused einsums serve)."""
+  on TPUs and GPUs (Mosaic TPU or Triton; on the CPU, where Pallas only interprets, XLA's
+  einsums serve)."""
   if cfg.mla_decode == "auto":
-    return (platform or jax.default_backend()) == "tpu"
+    return (platform or jax.default_backend()) in ("tpu", "gpu", "cuda", "rocm")
   return cfg.mla_decode == "pallas"
 
 

@@ -12,7 +12,8 @@ Every method computes, for tokens x [N, D] each routed to K experts with weights
   expert's weight, indexed in place (`kernels_pallas.tiled_gmm`). Dropless and exact: the padding
   is a static bound (at most E*(tile-1) rows), not a capacity. The fast path where ragged_dot
   is a masked dense product (CPU); a handful of copies (decoding) index their experts directly.
-- `pallas`: the same sorted layout through the Pallas grouped matmul (`kernels_pallas.gmm`).
+- `pallas`: the same sorted layout through the Pallas grouped matmul (`kernels_pallas.gmm`:
+  Mosaic TPU on TPUs, Triton on GPUs, interpreted on the CPU).
 
 The permutation helpers (`sort_by_expert`, `combine`) are shared by every sorted path. Experts
 split over a mesh's "expert" axis go through `deepseek_jax.expert_parallel`, which runs one of
@@ -34,13 +35,12 @@ METHODS = ("dense", "ragged", "blocked", "pallas")
 
 
 def default_method(platform: str | None = None) -> str:
-  """The Pallas grouped matmul on TPU (its kernel is written for Mosaic TPU and does not lower for
-  GPU); ragged_dot on GPU, where XLA lowers it to a grouped GEMM; the tiled matmul on CPU, where
-  ragged_dot is a masked dense product (bench/dispatch.py)."""
+  """The Pallas grouped matmul on TPUs and GPUs (`kernels_pallas.gmm`: Mosaic TPU, or Triton on
+  NVIDIA and AMD GPUs, where XLA's ragged_dot runs far below a grouped GEMM); the tiled matmul on
+  the CPU, where ragged_dot is a masked dense product and Pallas only interprets
+  (bench/dispatch.py). `ragged` stays selectable everywhere."""
   platform = platform or jax.default_backend()
-  if platform == "tpu":
-    return "pallas"
-  return "ragged" if platform in ("gpu", "cuda", "rocm") else "blocked"
+  return "pallas" if platform in ("tpu", "gpu", "cuda", "rocm") else "blocked"
 
 
 def resolve(method: str, platform: str | None = None) -> str:

@@ -1,16 +1,16 @@
-"""Flash-decoding over MLA's compressed latent cache (absorbed decode path; Pallas, Mosaic TPU).
+"""Flash-decoding over MLA's compressed latent cache (absorbed decode path): one op, a Pallas
+kernel per platform, a jnp twin.
 
 In the absorbed form every head attends to the same per-position latent row c = [c_kv (L) | k_rope (R)]:
 
   scores[b, h, s] = softmax_scale * q[b, h, :] . cache[b, s, :]      over the full L + R width
   out[b, h, :]    = sum_s softmax_s(scores[b, h, s]) * cache[b, s, :L]    for s < lengths[b]
 
-A row with length 0 returns zeros. The kernel splits S into `num_splits` parts (grid B x splits x
-blocks per split, the last axis sequential); each part runs an online softmax over its blocks and
-writes a normalised partial output with its log-sum-exp; a log-sum-exp combine in jnp merges the
-parts. Blocks past a row's length are skipped, and their index map repeats the last useful block
-so that no new cache block is fetched. Softmax math is float32; the value product takes the
-cache dtype with float32 accumulation.
+A row with length 0 returns zeros. The kernels split S into `num_splits` parts; each part runs an
+online softmax over its blocks and writes a normalised partial output with its log-sum-exp; a
+log-sum-exp combine in jnp (`_combine`) merges the parts. Softmax math is float32; the value
+product takes the cache dtype with float32 accumulation. Backends (`platform.backend_for`):
+`mla_decode_mosaic` on TPUs (and interpreted on the CPU), `mla_decode_triton` on GPUs.
 
 Legend: B batch, H heads, S cache positions, L kv_lora_rank (latent), R rope dim, W = L + R,
 P parts (splits), bs block of positions.
@@ -23,74 +23,61 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import tpu as pltpu
 
-from deepseek_jax.kernels_pallas.platform import per_platform
+from deepseek_jax.kernels_pallas import mla_decode_mosaic, mla_decode_triton
+from deepseek_jax.kernels_pallas.platform import backend_for, gpu_device_kind, per_platform
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodeBlockSizes:
-  """`block_s` cache positions per grid step; `num_splits` independent parts of S (flash-decoding)."""
+  """`block_s` cache positions per step; `num_splits` independent parts of S (flash-decoding);
+  GPUs only: `block_h` heads per program and Triton's `num_warps`/`num_stages` (None: Pallas's
+  defaults). The Triton kernel rounds block_s and block_h to powers of two of at least 16."""
 
   block_s: int = 512
   num_splits: int = 8
+  block_h: int = 16
+  num_warps: int | None = None
+  num_stages: int | None = None
 
   def __post_init__(self):
     if self.block_s <= 0 or self.block_s % 8:
       raise ValueError(f"DecodeBlockSizes.block_s must be a positive multiple of 8, got {self.block_s}")
     if self.num_splits <= 0:
       raise ValueError(f"DecodeBlockSizes.num_splits must be positive, got {self.num_splits}")
+    if self.block_h <= 0:
+      raise ValueError(f"DecodeBlockSizes.block_h must be positive, got {self.block_h}")
 
   @classmethod
-  def default(cls, platform: str | None = None, *, interpret: bool = False) -> DecodeBlockSizes:
-    """TPU: 512-position blocks (576 x 512 bf16 = 576 KiB a buffer); interpret: few large steps."""
+  def default(cls, platform: str | None = None, *, interpret: bool = False,
+              device_kind: str | None = None) -> DecodeBlockSizes:
+    """TPU: 512-position blocks (576 x 512 bf16 = 576 KiB a buffer); interpret: few large steps;
+    GPUs: per device kind (`GPU_DECODE_BLOCK_SIZES`)."""
     platform = platform or jax.default_backend()
     if interpret or platform == "cpu":
-      return cls(block_s=512, num_splits=2)
-    return cls(block_s=512, num_splits=8)
+      return cls(block_s=512, num_splits=2, block_h=64)
+    if platform == "tpu":
+      return cls(block_s=512, num_splits=8)
+    device_kind = device_kind or gpu_device_kind()
+    for names, bs in GPU_DECODE_BLOCK_SIZES:
+      if device_kind and any(name in device_kind for name in names):
+        return bs
+    return GPU_DECODE_FALLBACK
 
 
-def _decode_kernel(lengths_ref, q_ref, c_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc,
-                   *, scale: float, latent: int, block_s: int, blocks_per_split: int, seq_len: int):
-  b, p, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  start = (p * blocks_per_split + j) * block_s
-  length = jnp.minimum(lengths_ref[b], seq_len)
+# Triton decode blocks per GPU family: 16 heads x 512 latent float32 accumulators per program
+# (registers), cache blocks of 64 positions x 576 bf16 (72 KiB) double-buffered in shared memory;
+# enough splits that batch x splits x head blocks fills the streaming multiprocessors.
+GPU_DECODE_BLOCK_SIZES = (
+    (("H100", "H200", "H800", "H20", "GH200", "B200", "B300", "GB200", "GB300"),
+     DecodeBlockSizes(block_s=64, num_splits=16, block_h=16, num_warps=4, num_stages=2)),
+    (("gfx94", "gfx95", "gfx90a", "MI300", "MI325", "MI355", "MI250", "MI210"),
+     DecodeBlockSizes(block_s=64, num_splits=16, block_h=16, num_warps=4, num_stages=1)),
+)
+GPU_DECODE_FALLBACK = DecodeBlockSizes(block_s=32, num_splits=8, block_h=16, num_warps=4,
+                                       num_stages=2)
 
-  @pl.when(j == 0)
-  def _init():
-    m_sc[...] = jnp.full_like(m_sc, -jnp.inf)
-    l_sc[...] = jnp.zeros_like(l_sc)
-    acc_sc[...] = jnp.zeros_like(acc_sc)
-
-  @pl.when(start < length)
-  def _block():
-    q = q_ref[...]  # [H, W]
-    c = c_ref[...]  # [bs, W]
-    s = jax.lax.dot_general(q, c, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)  # [H, bs]
-    s = s * scale
-    pos = start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    s = jnp.where(pos < length, s, -jnp.inf)
-    m_prev = m_sc[...]  # [H, 1]
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # finite: start < length
-    alpha = jnp.exp(m_prev - m_new)
-    prob = jnp.exp(s - m_new)  # [H, bs]
-    l_sc[...] = alpha * l_sc[...] + jnp.sum(prob, axis=1, keepdims=True)
-    # Rows past the length (stale cache, or past S in a partial last block) may hold NaN: zero them.
-    v = c[:, :latent]  # [bs, L]
-    rows = start + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
-    v = jnp.where(rows < length, v, jnp.zeros_like(v))
-    pv = jax.lax.dot_general(prob.astype(v.dtype), v, (((1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)  # [H, L]
-    acc_sc[...] = alpha * acc_sc[...] + pv
-    m_sc[...] = m_new
-
-  @pl.when(j == blocks_per_split - 1)
-  def _finish():
-    l = l_sc[...]
-    seen = l > 0
-    o_ref[...] = jnp.where(seen, acc_sc[...] / jnp.where(seen, l, 1.0), 0.0)
-    lse_ref[...] = jnp.where(seen, m_sc[...] + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+_BACKENDS = {"mosaic_tpu": mla_decode_mosaic, "triton": mla_decode_triton}
 
 
 def _combine(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
@@ -101,50 +88,6 @@ def _combine(o_parts: jax.Array, lse_parts: jax.Array) -> jax.Array:
   total = jnp.sum(w, axis=1)  # [B, H, 1]
   out = jnp.einsum("bphl,bph->bhl", o_parts, w[..., 0])
   return jnp.where(total > 0, out / jnp.where(total > 0, total, 1.0), 0.0)
-
-
-def _decode_call(q, cache, lengths, kv_lora_rank, softmax_scale, bs: DecodeBlockSizes, interpret: bool):
-  b, h, w = q.shape
-  s_len = cache.shape[1]
-  block_s = min(bs.block_s, s_len)
-  num_blocks = pl.cdiv(s_len, block_s)
-  num_splits = min(bs.num_splits, num_blocks)
-  per_split = pl.cdiv(num_blocks, num_splits)
-
-  def q_map(b_i, p, j, lengths):
-    return b_i, 0, 0
-
-  def c_map(b_i, p, j, lengths):
-    last = jnp.maximum(pl.cdiv(jnp.minimum(lengths[b_i], s_len), block_s) - 1, 0)  # last useful block
-    return b_i, jnp.minimum(p * per_split + j, last), 0
-
-  def part_map(b_i, p, j, lengths):
-    return b_i, p, 0, 0
-
-  kernel = functools.partial(_decode_kernel, scale=float(softmax_scale), latent=kv_lora_rank,
-                             block_s=block_s, blocks_per_split=per_split, seq_len=s_len)
-  itemsize = jnp.dtype(cache.dtype).itemsize
-  cost = pl.CostEstimate(flops=2 * b * h * s_len * (w + kv_lora_rank), transcendentals=b * h * s_len,
-                         bytes_accessed=(cache.size + q.size) * itemsize + b * num_splits * h * (kv_lora_rank + 1) * 4)
-  o_parts, lse_parts = pl.pallas_call(
-      kernel,
-      out_shape=(jax.ShapeDtypeStruct((b, num_splits, h, kv_lora_rank), jnp.float32),
-                 jax.ShapeDtypeStruct((b, num_splits, h, 1), jnp.float32)),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=1,
-          grid=(b, num_splits, per_split),
-          in_specs=[pl.BlockSpec((None, h, w), q_map), pl.BlockSpec((None, block_s, w), c_map)],
-          out_specs=[pl.BlockSpec((None, None, h, kv_lora_rank), part_map),
-                     pl.BlockSpec((None, None, h, 1), part_map)],
-          scratch_shapes=[pltpu.VMEM((h, 1), jnp.float32), pltpu.VMEM((h, 1), jnp.float32),
-                          pltpu.VMEM((h, kv_lora_rank), jnp.float32)],
-      ),
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=interpret,
-      cost_estimate=cost,
-      name="mla_decode",
-  )(lengths, q, cache)
-  return _combine(o_parts, lse_parts).astype(q.dtype)
 
 
 def mla_decode_reference(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, kv_lora_rank: int,
@@ -163,16 +106,23 @@ def mla_decode_reference(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, 
   return out.astype(q.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _decode(q, cache, lengths, kv_lora_rank, softmax_scale, bs, interpret):
-  return _decode_call(q, cache, lengths, kv_lora_rank, softmax_scale, bs, interpret)
+def _decode_call(q, cache, lengths, kv_lora_rank, softmax_scale, bs, interpret, backend):
+  o_parts, lse_parts = _BACKENDS[backend].decode_call(q, cache, lengths, kv_lora_rank,
+                                                      softmax_scale, bs, interpret)
+  return _combine(o_parts, lse_parts).astype(q.dtype)
 
 
-def _decode_fwd(q, cache, lengths, kv_lora_rank, softmax_scale, bs, interpret):
-  return _decode_call(q, cache, lengths, kv_lora_rank, softmax_scale, bs, interpret), (q, cache, lengths)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _decode(q, cache, lengths, kv_lora_rank, softmax_scale, bs, interpret, backend):
+  return _decode_call(q, cache, lengths, kv_lora_rank, softmax_scale, bs, interpret, backend)
 
 
-def _decode_bwd(kv_lora_rank, softmax_scale, bs, interpret, res, g):
+def _decode_fwd(q, cache, lengths, kv_lora_rank, softmax_scale, bs, interpret, backend):
+  out = _decode_call(q, cache, lengths, kv_lora_rank, softmax_scale, bs, interpret, backend)
+  return out, (q, cache, lengths)
+
+
+def _decode_bwd(kv_lora_rank, softmax_scale, bs, interpret, backend, res, g):
   """Gradient through the reference (materialises [B, H, S] scores; decoding needs no gradient)."""
   q, cache, lengths = res
   ref = functools.partial(mla_decode_reference, lengths=lengths, kv_lora_rank=kv_lora_rank,
@@ -187,12 +137,13 @@ _decode.defvjp(_decode_fwd, _decode_bwd)
 
 def mla_decode_attention(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, kv_lora_rank: int,
                          softmax_scale: float, block_sizes: DecodeBlockSizes | None = None,
-                         interpret=None) -> jax.Array:
+                         interpret=None, backend: str | None = None) -> jax.Array:
   """Absorbed-MLA decode attention: q [B, H, L+R], cache [B, S, L+R], lengths [B] -> [B, H, L].
 
   Positions >= lengths[b] are masked (lengths past S are cut at S); rows of length 0 give zeros.
   Output dtype is q's. Differentiable (backward through the reference; meant for checks only).
-  `interpret=None` interprets where the program is lowered for the CPU (`per_platform`).
+  `interpret=None` interprets where the program is lowered for the CPU (`per_platform`); the
+  backend ("mosaic_tpu" or "triton") and block sizes follow that platform unless given.
   """
   if q.ndim != 3 or cache.ndim != 3:
     raise ValueError(f"mla_decode_attention: q must be [B, H, L+R] and cache [B, S, L+R], got {q.shape}, {cache.shape}")
@@ -206,7 +157,10 @@ def mla_decode_attention(q: jax.Array, cache: jax.Array, lengths: jax.Array, *, 
   q, lengths = q.astype(cache.dtype), lengths.astype(jnp.int32)
 
   def run(interp, platform):
-    bs = block_sizes if block_sizes is not None else DecodeBlockSizes.default(
-        platform, interpret=bool(interp))
-    return _decode(q, cache, lengths, kv_lora_rank, float(softmax_scale), bs, interp)
+    be = backend_for(platform, backend)
+    bs = block_sizes
+    if bs is None:
+      bs = DecodeBlockSizes.default("gpu" if be == "triton" and not interp else platform,
+                                    interpret=bool(interp))
+    return _decode(q, cache, lengths, kv_lora_rank, float(softmax_scale), bs, interp, be)
   return per_platform(run, interpret)

@@ -80,7 +80,7 @@ def test_unknown_method():
 
 def test_default_method_by_platform():
   assert dispatch.default_method("tpu") == "pallas"
-  assert dispatch.default_method("gpu") == "ragged"
+  assert dispatch.default_method("gpu") == dispatch.default_method("rocm") == "pallas"
   assert dispatch.default_method("cpu") == "blocked"
   assert dispatch.resolve("auto", "tpu") == "pallas" and dispatch.resolve("dense") == "dense"
   assert dispatch.resolve("auto") == dispatch.default_method(jax.default_backend())
