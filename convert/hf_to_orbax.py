@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
+from deepseek_jax import cli
 from deepseek_jax.convert.to_orbax import convert
 from deepseek_jax.dtypes import BY_NAME
 
@@ -27,4 +28,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["hf_dir", "output_dir"])
-  app.run(main)
+  cli.run(main)

@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
+from deepseek_jax import cli
 from deepseek_jax.convert.to_hf import export
 
 _CHECKPOINT_DIR = flags.DEFINE_string("checkpoint_dir", None, "Our Orbax checkpoint or a trainer workdir.")
@@ -26,4 +27,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["checkpoint_dir", "output_dir"])
-  app.run(main)
+  cli.run(main)

@@ -20,9 +20,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import app, flags
 
-from deepseek_jax import metrics
+from deepseek_jax import cli, metrics
 from deepseek_jax.generation import generate
 from deepseek_jax.presets import get_preset
 from deepseek_jax.pretrained import from_pretrained
@@ -45,11 +45,15 @@ DEMO_CONFIG = get_preset("tiny_v3").replace(
     num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
     rope_type="default", max_position_embeddings=512)
 
-flags.DEFINE_integer("steps", 600, "Training steps (about 3 minutes on 2 CPU cores).")
-flags.DEFINE_integer("seq_len", 128, "Bytes per training sequence.")
-flags.DEFINE_integer("batch_per_device", 16, "Sequences per step on each device.")
-flags.DEFINE_integer("max_corpus_mb", 4, "Cap on the corpus size (MB of source).")
-flags.DEFINE_integer("new_tokens", 160, "Bytes to generate after the prompt.")
+flags.DEFINE_integer("steps", 600, "Training steps (about 3 minutes on 2 CPU cores).",
+                     lower_bound=1)
+flags.DEFINE_integer("seq_len", 128, "Bytes per training sequence.", lower_bound=1)
+flags.DEFINE_integer("batch_per_device", 16, "Sequences per step on each device.",
+                     lower_bound=1)
+flags.DEFINE_integer("max_corpus_mb", 4, "Cap on the corpus size (MB of source).",
+                     lower_bound=1)
+flags.DEFINE_integer("new_tokens", 160, "Bytes to generate after the prompt.",
+                     lower_bound=1)
 flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "deepseek_jax_demo"),
                     "Where the checkpoint, metrics.jsonl and data cache go (emptied first).")
 FLAGS = flags.FLAGS
@@ -106,12 +110,10 @@ def run_demo(workdir: str, *, steps: int = 600, seq_len: int = 128, batch_per_de
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
   run_demo(FLAGS.workdir, steps=FLAGS.steps, seq_len=FLAGS.seq_len,
            batch_per_device=FLAGS.batch_per_device, max_corpus_mb=FLAGS.max_corpus_mb,
            new_tokens=FLAGS.new_tokens)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -23,7 +23,7 @@ import time
 import jax
 from absl import app, flags
 
-from deepseek_jax import generation, sharding
+from deepseek_jax import cli, generation, sharding
 from deepseek_jax.dtypes import BY_NAME
 from deepseek_jax.pretrained import from_pretrained
 from deepseek_jax.tokenizer import tokenizer_for_model
@@ -31,17 +31,22 @@ from deepseek_jax.tokenizer import tokenizer_for_model
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Safetensors directory, Orbax checkpoint or "
                                   "trainer workdir.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (>= 1).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy (argmax).")
-_TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens.")
-_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling probability mass.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.",
+                                lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy (argmax).", lower_bound=0.0)
+_TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens.",
+                              lower_bound=1)
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling probability mass, in (0, 1].",
+                            upper_bound=1.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _ABSORB = flags.DEFINE_enum("absorb", "auto", ["auto", "true", "false"],
                             "MLA path: auto (absorbed decode, prefill by length) or forced.")
 _SPECULATIVE = flags.DEFINE_bool("speculative", False,
                                  "Greedy self-speculative decoding with the MTP head.")
-_CHUNK = flags.DEFINE_integer("chunk", 16, "Decode loop steps per streamed call.")
-_MAX_LEN = flags.DEFINE_integer("max_len", None, "Cache length (default: bucketed prompt + new).")
+_CHUNK = flags.DEFINE_integer("chunk", 16, "Decode loop steps per streamed call.",
+                              lower_bound=1)
+_MAX_LEN = flags.DEFINE_integer("max_len", None, "Cache length (default: bucketed prompt + new).",
+                                lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", list(BY_NAME), "Compute and storage dtype.")
 _BOS = flags.DEFINE_bool("bos", True, "Prepend the tokenizer's bos token when it has one.")
 _MESH = flags.DEFINE_string("mesh", None, "Shard over the devices: axis sizes such as "
@@ -123,4 +128,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)
