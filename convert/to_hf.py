@@ -21,6 +21,7 @@ import numpy as np
 from deepseek_jax import checkpoint, workdir
 from deepseek_jax.convert import fp8 as fp8_lib
 from deepseek_jax.convert import names
+from deepseek_jax.convert.atomic import check_apart
 from deepseek_jax.convert.load import default_targets
 from deepseek_jax.convert.safetensors_write import TensorSpec, write_sharded
 from deepseek_jax.dtypes import torch_dtype_name
@@ -70,7 +71,9 @@ def export(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
            max_shard_size: str | int = "5GB", fp8: bool = False,
            block: tuple[int, int] = fp8_lib.DEFAULT_BLOCK, overwrite: bool = False,
            show_progress: bool = False) -> list[str]:
-  """Writes the released layout of our checkpoint to `output_dir` (atomically); returns shards."""
+  """Writes the released layout of our checkpoint to `output_dir` (atomically); returns shards.
+  An `output_dir` that is, contains or lies inside `checkpoint_dir` is refused."""
+  check_apart(output_dir, {"checkpoint_dir": checkpoint_dir})
   src = _Source(os.path.abspath(os.fspath(checkpoint_dir)))
   cfg = src.cfg
   entries = names.entries(cfg)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax import checkpoint
+from deepseek_jax.convert.atomic import check_apart
 from deepseek_jax.convert.load import HFCheckpoint, default_targets, iter_hf
 from deepseek_jax.metrics import progress_bar
 # Orbax partial saves cost ~50 ms each: groups are at least this large (a constant, so memory
@@ -28,8 +29,10 @@ def convert(hf_dir: str | os.PathLike, output_dir: str | os.PathLike, *, dtype=j
   """Writes our checkpoint of `hf_dir` to `output_dir` (atomically); returns its path.
 
   Parameters are saved in groups of max(largest parameter, MIN_GROUP_BYTES) bytes (target dtype),
-  one group written in the background while the next is read.
+  one group written in the background while the next is read. An `output_dir` that is, contains
+  or lies inside `hf_dir` is refused.
   """
+  check_apart(output_dir, {"hf_dir": hf_dir})
   with HFCheckpoint(hf_dir) as ckpt:
     targets = default_targets(ckpt.cfg, dtype)
     largest = max(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in targets.values())

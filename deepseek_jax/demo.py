@@ -55,7 +55,8 @@ flags.DEFINE_integer("max_corpus_mb", 4, "Cap on the corpus size (MB of source).
 flags.DEFINE_integer("new_tokens", 160, "Bytes to generate after the prompt.",
                      lower_bound=1)
 flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "deepseek_jax_demo"),
-                    "Where the checkpoint, metrics.jsonl and data cache go (emptied first).")
+                    "Where the checkpoint, metrics.jsonl and data cache go: a new or empty "
+                    "directory, or an earlier demo's (emptied first).")
 FLAGS = flags.FLAGS
 
 
@@ -63,13 +64,32 @@ def stdlib_dir() -> str:
   return sysconfig.get_paths()["stdlib"]
 
 
+# What a demo run writes in its workdir: the only entries the demo removes when it starts again.
+DEMO_ENTRIES = frozenset({"config.json", "checkpoints", "metrics.jsonl", "tensorboard", "data",
+                          "byte_tokenizer.json"})
+
+
+def clear_workdir(workdir: str) -> None:
+  """Empties an earlier demo's workdir; refuses (ValueError) one holding anything else."""
+  if not os.path.exists(workdir):
+    return
+  if not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir}: exists and is not a directory")
+  foreign = sorted(set(os.listdir(workdir)) - DEMO_ENTRIES)
+  if foreign:
+    raise ValueError(f"--workdir={workdir} holds {len(foreign)} entries a demo run does not write "
+                     f"(first: {foreign[0]!r}); the demo empties its workdir, so give it a new or "
+                     "empty directory, or an earlier demo's")
+  shutil.rmtree(workdir)
+
+
 def run_demo(workdir: str, *, steps: int = 600, seq_len: int = 128, batch_per_device: int = 16,
              max_corpus_mb: int = 4, new_tokens: int = 160) -> dict:
-  """Trains the demo model in `workdir` (emptied first), prints losses and a completion."""
+  """Trains the demo model in `workdir` (an earlier demo's is emptied first; any other non-empty
+  directory is refused), prints losses and a completion."""
 
   workdir = os.path.abspath(workdir)
-  if os.path.isdir(workdir):
-    shutil.rmtree(workdir)
+  clear_workdir(workdir)
   os.makedirs(workdir)
   config_path = DEMO_CONFIG.save(workdir)
   n_dev = jax.local_device_count()

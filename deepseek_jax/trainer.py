@@ -24,6 +24,7 @@ from deepseek_jax import data as data_lib
 from deepseek_jax import metrics as metrics_lib
 from deepseek_jax import optim, sharding
 from deepseek_jax.config import DeepseekConfig
+from deepseek_jax.convert.atomic import check_apart
 from deepseek_jax.dtypes import from_name
 from deepseek_jax.presets import get_preset
 from deepseek_jax.pretrained import from_pretrained, read_model_config
@@ -158,6 +159,7 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
   if not tc.workdir:
     raise ValueError("--workdir is required (checkpoints and metrics.jsonl go there)")
   workdir = os.path.abspath(tc.workdir)
+  check_apart(workdir, {"--init_from": tc.init_from}, output_name="--workdir")
   os.makedirs(workdir, exist_ok=True)
   cfg = model_config(tc)
   dtype = from_name(tc.compute_dtype, "--compute_dtype")
