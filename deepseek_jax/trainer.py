@@ -193,8 +193,10 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
                          "--workdir or the same --preset/--config_json")
       it.restore(position)
       start = int(state["step"])
-      metrics_lib.truncate_jsonl(metrics_path, start)
       echo(f"resumed from step {start} ({ckpt.directory})")
+    # the records after the checkpoint resumed from (all of them when a run was killed before its
+    # first checkpoint committed) are written again
+    metrics_lib.truncate_jsonl(metrics_path, start)
     if start >= tc.steps:
       echo(f"nothing to do: checkpoint at step {start} >= --steps={tc.steps}")
       ckpt.close()
