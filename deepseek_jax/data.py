@@ -155,9 +155,13 @@ def load_tokens(meta_path: str | os.PathLike) -> np.ndarray:
 
 
 class PackedDataset:
-  """Consecutive windows of seq_len + 1 tokens (inputs and shifted targets) over a token array."""
+  """Consecutive windows of seq_len + 1 tokens (inputs and shifted targets) over a token array.
 
-  def __init__(self, tokens: np.ndarray, seq_len: int, *, source: str = "corpus"):
+  `key` identifies the corpus and tokenizer (`corpus_key`; None when unknown): a resumed run
+  compares it with its checkpoint's."""
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, *, source: str = "corpus",
+               key: str | None = None):
     if seq_len < 1:
       raise ValueError(f"--seq_len={seq_len}: must be >= 1")
     if tokens.size == 0:
@@ -167,6 +171,7 @@ class PackedDataset:
                        f"{tokens.size} tokens, a sequence needs seq_len + 1 = {seq_len + 1}")
     self.tokens = tokens
     self.seq_len = seq_len
+    self.key = key
     self.num_sequences = (tokens.size - 1) // seq_len
 
   def __len__(self) -> int:
@@ -238,5 +243,6 @@ def make_dataset(data: str | Sequence[str], tokenizer: Tokenizer, seq_len: int, 
   files = list_files(data, patterns=patterns, exclude=exclude, max_bytes=max_bytes)
   meta = build_token_file(files, tokenizer, cache_dir, log=log)
   source = data if isinstance(data, str) else ",".join(map(str, data))
-  return PackedDataset(load_tokens(meta), seq_len, source=f"--data={source}")
+  return PackedDataset(load_tokens(meta), seq_len, source=f"--data={source}",
+                       key=corpus_key(files, tokenizer))
 

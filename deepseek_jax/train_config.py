@@ -75,6 +75,10 @@ class TrainConfig:
                                 "or measured).", lower=0.0)
   progress: bool | None = _f(None, "Progress bar (default: on a terminal).")
   tensorboard: bool = _f(True, "Also write TensorBoard event files.")
+  allow_resume_changes: bool = _f(False, "Resume a workdir although --seq_len, --batch_size, "
+                                  "--grad_accum, --seed, --data or --tokenizer differ from its "
+                                  "checkpoint's run (the data order restarts when the data or "
+                                  "--seq_len changed).")
 
   def __post_init__(self):
     for f in dataclasses.fields(self):

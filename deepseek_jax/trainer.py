@@ -31,7 +31,7 @@ from deepseek_jax.pretrained import from_pretrained, read_model_config
 from deepseek_jax.tokenizer import load_tokenizer
 from deepseek_jax.train_config import TrainConfig
 from deepseek_jax.train_step import make_train_step
-from deepseek_jax.workdir import Checkpointer
+from deepseek_jax.workdir import Checkpointer, model_changes, run_changes
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -174,6 +174,17 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
                                   patterns=tc.data_patterns, exclude=tc.data_exclude,
                                   max_bytes=tc.max_data_bytes, log=echo)
   it = data_lib.DataIterator(dataset, tc.batch_size, tc.seed)
+  # A resumed run is compared with its checkpoint before anything is built or restored.
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep)
+  meta = ckpt.meta() if ckpt.latest_step() is not None else None
+  run = {"seq_len": tc.seq_len, "batch_size": tc.batch_size, "grad_accum": tc.grad_accum,
+         "seed": tc.seed, "data": dataset.key}
+  run_diff = run_changes(meta, run) if meta is not None else []
+  if run_diff and not tc.allow_resume_changes:
+    ckpt.close()
+    raise ValueError(f"{workdir}: resuming with other settings than its checkpoint's run ("
+                     f"{'; '.join(run_diff)}); pass --allow_resume_changes to continue with "
+                     "them, or use a new --workdir")
 
   tx = optim.make_optimizer(tc.optim_config())
   with jax.set_mesh(mesh):
@@ -183,14 +194,22 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
     del model
     state = {"params": params, "rest": rest, "opt_state": jax.jit(tx.init)(params),
              "step": jnp.zeros((), jnp.int32)}  # the moments follow the parameters' shardings
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     start = 0
-    if ckpt.latest_step() is not None:
-      state, position, meta = ckpt.restore(state)
-      if meta["model_config"] != cfg.to_hf():
-        raise ValueError(f"{workdir}: its checkpoint holds a different model config; use a new "
-                         "--workdir or the same --preset/--config_json")
+    if meta is not None:
+      # compared before restoring: a restore into another model's state fails deep in Orbax
+      model_diff = model_changes(meta, cfg)
+      if model_diff:
+        ckpt.close()
+        raise ValueError(f"{workdir}: its checkpoint holds another model config ("
+                         f"{'; '.join(model_diff[:5])}{'; ...' if len(model_diff) > 5 else ''}); "
+                         "use a new --workdir or the same --preset/--config_json")
+      state, position, _ = ckpt.restore(state)
+      if run_diff:
+        echo(f"resuming with changed settings: {'; '.join(run_diff)}")
+        if any(d.startswith(("--data", "--seq_len")) for d in run_diff):
+          position = {"epoch": 0, "index": 0}  # positions of the old sequences mean nothing now
+          echo("the data order starts afresh")
       it.restore(position)
       start = int(state["step"])
       echo(f"resumed from step {start} ({ckpt.directory})")
@@ -269,7 +288,7 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
             rec = jax.device_get(logs)
             if not (np.isfinite(rec["total_loss"]) and np.isfinite(rec["grad_norm"])):
               read(step_no, logs)  # raises with the message
-          ckpt.save(step_no, state, position, cfg)
+          ckpt.save(step_no, state, position, cfg, {"run": run})
         elif want_log:
           pending = (step_no, logs)
       if pending is not None:

@@ -81,6 +81,33 @@ class Checkpointer:
     self.mgr.close()
 
 
+def model_changes(meta: Mapping[str, Any], cfg: DeepseekConfig) -> list[str]:
+  """How the model config (and the layer layout, `scan_layers`) of a run about to resume differs
+  from its checkpoint's meta record, as "field: stored -> now" (empty: the state can restore)."""
+  out = []
+  stored, now = dict(meta.get("model_config") or {}), cfg.to_hf()
+  for k in sorted(set(stored) | set(now)):
+    if stored.get(k) != now.get(k):
+      out.append(f"{k}: {stored.get(k)!r} -> {now.get(k)!r}")
+  if meta.get("scan_layers") is not None and bool(meta["scan_layers"]) != cfg.scan_layers:
+    out.append(f"scan_layers: {bool(meta['scan_layers'])} -> {cfg.scan_layers}")
+  return out
+
+
+def run_changes(meta: Mapping[str, Any], run: Mapping[str, Any]) -> list[str]:
+  """How a run's settings differ from those its checkpoint was saved with, as
+  "--flag: stored -> now". `run` is what the trainer records with each checkpoint
+  ({"seq_len", "batch_size", "grad_accum", "seed", "data": the corpus and tokenizer key});
+  checkpoints saved without a record compare equal."""
+  out = []
+  old = meta.get("run") or {}
+  for k in sorted(set(old) & set(run)):
+    if old[k] != run[k]:
+      out.append("--data/--tokenizer: the corpus files, their sizes or times, or the tokenizer"
+                 if k == "data" else f"--{k}: {old[k]!r} -> {run[k]!r}")
+  return out
+
+
 # ------------------------------------------------------------------------------ readers
 def checkpoints_dir(path: str | os.PathLike) -> str | None:
   """The checkpoints directory of a workdir (or the checkpoints directory itself), else None."""
