@@ -24,7 +24,7 @@ from deepseek_jax.convert import names
 from deepseek_jax.convert.atomic import check_apart
 from deepseek_jax.convert.load import default_targets
 from deepseek_jax.convert.safetensors_write import TensorSpec, write_sharded
-from deepseek_jax.dtypes import torch_dtype_name
+from deepseek_jax.dtypes import count_nonfinite, torch_dtype_name
 from deepseek_jax.metrics import progress_bar
 from deepseek_jax.params import to_unrolled
 
@@ -32,8 +32,9 @@ from deepseek_jax.params import to_unrolled
 class _Source:
   """Our parameters one at a time (partial Orbax reads), or from a dict already in memory."""
 
-  def __init__(self, directory: str):
+  def __init__(self, directory: str, allow_nonfinite: bool = False):
     self.directory = directory
+    self.allow_nonfinite = allow_nonfinite
     self._flat = None
     if checkpoint.is_model_checkpoint(directory):
       self.cfg = checkpoint.read_config(directory)
@@ -56,25 +57,33 @@ class _Source:
     return np.dtype(self.meta[path].dtype)
 
   def get(self, path: str) -> np.ndarray:
-    """One parameter; the last two read stay cached (a weight and its FP8 scales)."""
+    """One parameter, checked finite unless allowed; the last two read stay cached (a weight and
+    its FP8 scales)."""
     if path not in self._cache:
       if len(self._cache) >= 2:
         del self._cache[next(iter(self._cache))]  # release before reading the next
       if self._flat is not None:
-        self._cache[path] = self._flat[path]
+        value = self._flat[path]
       else:
-        self._cache[path] = checkpoint.read_params_numpy(self.directory, [path])[path]
+        value = checkpoint.read_params_numpy(self.directory, [path])[path]
+      bad = 0 if self.allow_nonfinite else count_nonfinite(value)
+      if bad:
+        raise ValueError(f"{self.directory}: parameter {path!r} holds non-finite values ({bad} "
+                         f"NaN or Inf among {value.size}); refusing to export it "
+                         "(allow_nonfinite=True / --allow_nonfinite to export it anyway)")
+      self._cache[path] = value
     return self._cache[path]
 
 
 def export(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
            max_shard_size: str | int = "5GB", fp8: bool = False,
            block: tuple[int, int] = fp8_lib.DEFAULT_BLOCK, overwrite: bool = False,
-           show_progress: bool = False) -> list[str]:
+           show_progress: bool = False, allow_nonfinite: bool = False) -> list[str]:
   """Writes the released layout of our checkpoint to `output_dir` (atomically); returns shards.
-  An `output_dir` that is, contains or lies inside `checkpoint_dir` is refused."""
+  An `output_dir` that is, contains or lies inside `checkpoint_dir` is refused, and so are
+  parameters holding NaN or Inf, named, unless `allow_nonfinite`."""
   check_apart(output_dir, {"checkpoint_dir": checkpoint_dir})
-  src = _Source(os.path.abspath(os.fspath(checkpoint_dir)))
+  src = _Source(os.path.abspath(os.fspath(checkpoint_dir)), allow_nonfinite)
   cfg = src.cfg
   entries = names.entries(cfg)
   for e in entries:

@@ -25,15 +25,17 @@ MIN_GROUP_BYTES = 64 * 2**20
 
 
 def convert(hf_dir: str | os.PathLike, output_dir: str | os.PathLike, *, dtype=jnp.bfloat16,
-            overwrite: bool = False, keep_fp8: bool = False, show_progress: bool = False) -> str:
+            overwrite: bool = False, keep_fp8: bool = False, show_progress: bool = False,
+            allow_nonfinite: bool = False) -> str:
   """Writes our checkpoint of `hf_dir` to `output_dir` (atomically); returns its path.
 
   Parameters are saved in groups of max(largest parameter, MIN_GROUP_BYTES) bytes (target dtype),
   one group written in the background while the next is read. An `output_dir` that is, contains
-  or lies inside `hf_dir` is refused.
+  or lies inside `hf_dir` is refused, and so are NaN or Inf weights or FP8 scales, named,
+  unless `allow_nonfinite`.
   """
   check_apart(output_dir, {"hf_dir": hf_dir})
-  with HFCheckpoint(hf_dir) as ckpt:
+  with HFCheckpoint(hf_dir, allow_nonfinite=allow_nonfinite) as ckpt:
     targets = default_targets(ckpt.cfg, dtype)
     largest = max(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in targets.values())
     total = sum(ckpt.source_bytes(e) for e in ckpt.entries)

@@ -71,7 +71,8 @@ def _relayout(cfg: DeepseekConfig, flat, scanned_from: bool, targets):
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None,
-                    rules=None, **config_overrides) -> DeepseekForCausalLM:
+                    rules=None, allow_nonfinite: bool = False,
+                    **config_overrides) -> DeepseekForCausalLM:
   """The model stored in `path`.
 
   `path` is a released-layout directory (`config.json` plus `model.safetensors` or shards with
@@ -84,6 +85,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
   reads only its own shard, so no host ever holds the whole model. Where the checkpoint's layer
   layout differs from the requested one (`scan_layers`), layers are stacked or unstacked on the
   mesh after reading (transiently twice the layer weights).
+  Released weights or FP8 scales holding NaN or Inf are refused (ValueError naming the tensor)
+  unless `allow_nonfinite`.
   `config_overrides` replace config fields (e.g. `moe_dispatch="dense"`, `scan_layers=True`).
   """
   path = os.fspath(path)
@@ -95,7 +98,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
   read_targets = _targets(cfg, param_dtype, mesh, rules, scanned_from)
   if layout == SAFETENSORS:
     loaded, flat = load_hf(path, cfg, targets=lambda c: _targets(c, param_dtype, mesh, rules,
-                                                                 False))
+                                                                 False),
+                           allow_nonfinite=allow_nonfinite)
     # the loader drops MTP layers the checkpoint does not hold
     cfg = cfg.replace(num_nextn_predict_layers=loaded.num_nextn_predict_layers)
   elif layout == ORBAX:
