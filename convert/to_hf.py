@@ -27,6 +27,7 @@ from deepseek_jax.convert.safetensors_write import TensorSpec, write_sharded
 from deepseek_jax.dtypes import count_nonfinite, torch_dtype_name
 from deepseek_jax.metrics import progress_bar
 from deepseek_jax.params import to_unrolled
+from deepseek_jax.tokenizer import tokenizer_files
 
 
 class _Source:
@@ -80,6 +81,7 @@ def export(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
            block: tuple[int, int] = fp8_lib.DEFAULT_BLOCK, overwrite: bool = False,
            show_progress: bool = False, allow_nonfinite: bool = False) -> list[str]:
   """Writes the released layout of our checkpoint to `output_dir` (atomically); returns shards.
+  The tokenizer's files (`tokenizer.TOKENIZER_FILES`) are copied along.
   An `output_dir` that is, contains or lies inside `checkpoint_dir` is refused, and so are
   parameters holding NaN or Inf, named, unless `allow_nonfinite`."""
   check_apart(output_dir, {"checkpoint_dir": checkpoint_dir})
@@ -134,6 +136,10 @@ def export(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
     w, s = quantized[weight_name]
     return w if kind == "fp8" else s
 
+  extra: dict[str, str | bytes] = {}
+  for name, path in tokenizer_files(checkpoint_dir).items():
+    with open(path, "rb") as f:
+      extra[name] = f.read()
   hf_config: dict[str, Any] = cfg.to_hf()
   hf_config["torch_dtype"] = torch_dtype_name(src.dtype("embed_tokens.embedding"))
   if fp8 or kept:
@@ -142,7 +148,7 @@ def export(checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, *,
                     unit_scale=True, unit_divisor=1000, desc="orbax_to_hf") as bar:
     return write_sharded(output_dir, specs, produce, max_shard_size=max_shard_size,
                          overwrite=overwrite,
-                         extra_files={"config.json": json.dumps(hf_config, indent=2)},
+                         extra_files={**extra, "config.json": json.dumps(hf_config, indent=2)},
                          on_tensor=lambda s: bar.update(s.nbytes))
 
 

@@ -66,14 +66,16 @@ def _groups(items: Iterable[tuple[str, Any]], group_bytes: int) -> Iterator[dict
 def save_params(directory: str | os.PathLike, cfg: DeepseekConfig,
                 params: Mapping[str, Any] | Iterable[tuple[str, Any]], *, overwrite: bool = False,
                 group_bytes: int = _GROUP_BYTES, compress: bool = False,
-                on_saved: Callable[[dict[str, Any]], None] | None = None) -> str:
+                on_saved: Callable[[dict[str, Any]], None] | None = None,
+                extra_files: Mapping[str, str] | None = None) -> str:
   """Writes `config.json` and the parameters (flat or nested dict, or an iterator of
   (dotted path, array) pairs consumed lazily) as one of our checkpoints; returns its path.
 
   Parameters are saved in groups of about `group_bytes`; one group is written in the background
   while the next is gathered, then released. `compress` turns on Orbax's zstd (weights hardly
-  compress; off, saving is about 3x faster). Refuses a non-empty `directory` unless `overwrite`;
-  on error nothing is left behind.
+  compress; off, saving is about 3x faster). `extra_files` ({name: source path}, e.g. the
+  tokenizer's files) are copied in beside config.json. Refuses a non-empty `directory` unless
+  `overwrite`; on error nothing is left behind.
   """
   directory = os.path.abspath(os.fspath(directory))
   if isinstance(params, Mapping):
@@ -95,6 +97,8 @@ def save_params(directory: str | os.PathLike, cfg: DeepseekConfig,
 
   try:
     cfg.replace(scan_layers=False).save(tmp)
+    for name, source in (extra_files or {}).items():
+      shutil.copyfile(source, os.path.join(tmp, name))
     target = os.path.join(tmp, PARAMS_DIR)
     seen: set[str] = set()
     with ctx:

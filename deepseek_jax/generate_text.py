@@ -7,9 +7,11 @@
 `--mesh` (axis sizes as in `python -m deepseek_jax.sharding.plan`, e.g. `fsdp=2,expert=-1`)
 loads every parameter straight into its shards over the local devices and generates on that mesh.
 `--model_dir` is anything `from_pretrained` reads: a released-layout safetensors directory, an
-Orbax checkpoint of ours, or a trainer workdir. Text is tokenized with the directory's tokenizer.json when there is one, else
-with the built-in byte tokenizer. The decode loop runs in chunks of `--chunk` steps (one compiled
-program, reused); the text is printed after each chunk. Prefill and decode tokens/s are printed
+Orbax checkpoint of ours, or a trainer workdir. Text is tokenized with the tokenizer the directory
+carries (its tokenizer.json, or the byte tokenizer's marker a trainer workdir holds), or with
+`--tokenizer`; a model with a real vocabulary and no tokenizer is refused, not decoded as bytes.
+The decode loop runs in chunks of `--chunk` steps (one compiled program, reused); the text is
+printed after each chunk. Prefill and decode tokens/s are printed
 at the end (after a warm-up that compiles both programs, unless --nowarmup).
 (The module is not named `generate`: that is the function `deepseek_jax.generate`.)
 """
@@ -26,7 +28,7 @@ from absl import app, flags
 from deepseek_jax import cli, generation, sharding
 from deepseek_jax.dtypes import BY_NAME
 from deepseek_jax.pretrained import from_pretrained
-from deepseek_jax.tokenizer import tokenizer_for_model
+from deepseek_jax.tokenizer import load_tokenizer, tokenizer_for_model
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Safetensors directory, Orbax checkpoint or "
                                   "trainer workdir.")
@@ -52,6 +54,8 @@ _BOS = flags.DEFINE_bool("bos", True, "Prepend the tokenizer's bos token when it
 _MESH = flags.DEFINE_string("mesh", None, "Shard over the devices: axis sizes such as "
                             "'fsdp=2,expert=-1' (data, fsdp, expert, tensor; -1: the rest).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile before timing (one prefill and one step).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "'byte', a tokenizer.json or a directory "
+                                 "holding one (default: the one --model_dir carries).")
 
 
 def _settle(text: str) -> str:
@@ -118,7 +122,8 @@ def main(argv):
     except ValueError as e:
       raise app.UsageError(f"--mesh={_MESH.value}: {e}") from e
   model = from_pretrained(_MODEL_DIR.value, dtype=dtype, mesh=mesh)
-  tokenizer = tokenizer_for_model(_MODEL_DIR.value)
+  tokenizer = (load_tokenizer(_TOKENIZER.value) if _TOKENIZER.value
+               else tokenizer_for_model(_MODEL_DIR.value, model.cfg.vocab_size))
   absorb = {"auto": None, "true": True, "false": False}[_ABSORB.value]
   with contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh):
     run(model, tokenizer, _PROMPT.value, max_new_tokens=_MAX_NEW.value, chunk=_CHUNK.value,

@@ -28,7 +28,7 @@ from deepseek_jax.convert.atomic import check_apart
 from deepseek_jax.dtypes import from_name
 from deepseek_jax.presets import get_preset
 from deepseek_jax.pretrained import from_pretrained, read_model_config
-from deepseek_jax.tokenizer import load_tokenizer
+from deepseek_jax.tokenizer import load_tokenizer, save_tokenizer
 from deepseek_jax.train_config import TrainConfig
 from deepseek_jax.train_step import make_train_step
 from deepseek_jax.workdir import Checkpointer, model_changes, run_changes
@@ -170,6 +170,7 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"--tokenizer={tc.tokenizer}: vocab_size {tokenizer.vocab_size} exceeds the "
                      f"model's vocab_size {cfg.vocab_size}")
+  save_tokenizer(tokenizer, workdir)  # generation and the converters find it there
   dataset = data_lib.make_dataset(tc.data, tokenizer, tc.seq_len, os.path.join(workdir, "data"),
                                   patterns=tc.data_patterns, exclude=tc.data_exclude,
                                   max_bytes=tc.max_data_bytes, log=echo)
