@@ -80,9 +80,8 @@ def save_params(directory: str | os.PathLike, cfg: DeepseekConfig,
   directory = os.path.abspath(os.fspath(directory))
   if isinstance(params, Mapping):
     params = flatten(params).items()
-  opts = ocp.v1.options
-  ctx = ocp.v1.Context(array_options=opts.ArrayOptions(
-      saving=opts.ArrayOptions.Saving(use_compression=compress)))
+  ctx = ocp.v1.Context()
+  ctx.array.saving.use_compression = compress
   tmp = prepare_output(directory, overwrite)
   pending = None
 

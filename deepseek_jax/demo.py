@@ -114,7 +114,9 @@ def run_demo(workdir: str, *, steps: int = 600, seq_len: int = 128, batch_per_de
   print(f"loss at the start: {first['loss']:.3f} (step {first['step']}); at the end: "
         f"{last['loss']:.3f} (step {last['step']}); MTP loss {first['mtp_loss']:.3f} -> "
         f"{last['mtp_loss']:.3f}; expert-load CV {last.get('load_cv_mean', float('nan')):.2f}")
-  print(f"checkpoint: {os.path.join(workdir, 'checkpoints', str(last['step']))}")
+  print(f"checkpoint: {os.path.join(workdir, 'checkpoints', str(last['step']))}\n"
+        f"generate from it: python -m deepseek_jax.generate_text --model_dir={workdir} "
+        f"--prompt='{PROMPT}' --temperature=0.7 --top_k=20")
 
   model = from_pretrained(workdir, dtype=jnp.float32)  # read back from the checkpoint
   tok = ByteTokenizer()

@@ -77,7 +77,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
 
   `path` is a released-layout directory (`config.json` plus `model.safetensors` or shards with
   `model.safetensors.index.json`; FP8 block-scaled weights are dequantized), an Orbax checkpoint
-  of ours (`python -m deepseek_jax.convert.hf_to_orbax`), or a trainer workdir (its latest step).
+  of ours (`python -m deepseek_jax.convert.hf_to_orbax`), or a trainer workdir (its latest step;
+  a step's directory `<workdir>/checkpoints/<step>` reads that step).
 
   `dtype` is the compute dtype and, unless `param_dtype` says otherwise, the storage dtype.
   `mesh` (a `jax.sharding.Mesh` with axes data/fsdp/expert/tensor, see `sharding.make_mesh`)

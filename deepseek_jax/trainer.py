@@ -131,6 +131,16 @@ def _echo(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
+def _duration(seconds: float) -> str:
+  """12s, 3m05s, 1h02m."""
+  s = int(round(seconds))
+  if s < 60:
+    return f"{s}s"
+  if s < 3600:
+    return f"{s // 60}m{s % 60:02d}s"
+  return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def _router_names(cfg: DeepseekConfig) -> list[str]:
   names = [f"layer{i}" for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
   if cfg.is_moe_layer(cfg.num_hidden_layers):
@@ -235,7 +245,11 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
     writer = metrics_lib.JsonlWriter(metrics_path)
     tb = (metrics_lib.EventFileWriter(os.path.join(workdir, "tensorboard"))
           if tc.tensorboard else None)
-    bar = metrics_lib.progress_bar(tc.steps, initial=start, enabled=tc.progress, unit="step")
+    # smoothing=0: the ETA is the mean pace since the bar's clock restarted after the first step
+    # (which includes compiling)
+    bar = metrics_lib.progress_bar(tc.steps, initial=start, enabled=tc.progress, unit="step",
+                                   smoothing=0)
+    lines = tc.progress is None and not sys.stderr.isatty()  # no bar: a line per logged step
     echo(f"training {cfg.num_params(include_mtp=True):,} parameters from step {start} to "
          f"{tc.steps}: batch {tc.batch_size} x {tc.seq_len} tokens, {n_dev} device(s), "
          f"MFU peak {peak:.3g} FLOP/s per device ({peak_src})")
@@ -247,9 +261,10 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
     last: dict[str, Any] = {}
     pending = None  # (step, logs) of the last dispatched step, read after the next dispatch
     t_last, steps_since = time.perf_counter(), 0
+    first: tuple[int, float] | None = None  # (step, time) of the first step read: compiled by then
 
     def read(step_no, logs):
-      nonlocal t_last, steps_since, last
+      nonlocal t_last, steps_since, last, first
       rec = _host_metrics(jax.device_get(logs), cfg)
       if not (math.isfinite(rec["total_loss"]) and math.isfinite(rec["grad_norm"])):
         bar.close()
@@ -268,6 +283,14 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
         tb.scalars(step_no, rec)
       bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
       bar.update(step_no - bar.n)
+      if first is None:
+        first = (step_no, now)
+        bar.initial, bar.start_t = step_no, time.time()
+      if lines:
+        eta = ""
+        if step_no > first[0]:
+          eta = f", ETA {_duration((tc.steps - step_no) * (now - first[1]) / (step_no - first[0]))}"
+        echo(f"step {step_no}/{tc.steps}: loss {rec['loss']:.4f}, {tps:,.0f} tokens/s{eta}")
       last = rec
 
     try:
