@@ -2,8 +2,8 @@
 
 `DeepseekConfig` holds every architecture field of the released `config.json` files
 (`model_type` deepseek_v2 and deepseek_v3) under their Hugging Face names, plus runtime
-choices of ours (`RUNTIME_FIELDS`: `moe_dispatch`, `mla_decode`, `scan_layers`, `remat`) that are
-never written to `config.json`. `read_config_json` is the one reader of `config.json` files.
+choices of ours (`RUNTIME_FIELDS`: `moe_dispatch`, `mla_decode`, `scan_layers`, `remat`,
+`router_dtype`) that are never written to `config.json`. `read_config_json` is the one reader of `config.json` files.
 
 Derived figures (parameter counts, KV-cache bytes, FLOPs per token) are computed from the fields,
 so presets can be checked against the published totals (671B/37B for V3, 15.7B/2.4B for V2-Lite).
@@ -28,7 +28,8 @@ HIDDEN_ACTS = ("silu",)
 ROPE_TYPES = ("default", "yarn")
 MOE_DISPATCHES = ("auto", "dense", "ragged", "blocked", "pallas")
 MLA_DECODES = ("auto", "xla", "pallas")
-RUNTIME_FIELDS = ("moe_dispatch", "mla_decode", "scan_layers", "remat")
+ROUTER_DTYPES = ("float32", "bfloat16")
+RUNTIME_FIELDS = ("moe_dispatch", "mla_decode", "scan_layers", "remat", "router_dtype")
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
 # Fields a config.json must give (the dataclass defaults are DeepSeek-V3's: a missing width would
 # silently plan a 7168-wide model). Null is a value (q_lora_rank, n_routed_experts).
@@ -108,6 +109,8 @@ class DeepseekConfig:
   mla_decode: str = "auto"                # auto | xla | pallas: absorbed decode-step attention
   scan_layers: bool = False               # stack identical layers and run them with nnx.scan
   remat: bool = False                     # recompute each layer's activations in the backward pass
+  router_dtype: str = "float32"           # float32 (transformers) | bfloat16 (DeepSeek's inference
+                                          # code: router and the routed experts' sum in bf16)
 
   def __post_init__(self):
     self.validate()
@@ -152,6 +155,7 @@ class DeepseekConfig:
     need(self.rope_type in ROPE_TYPES, "rope_type", f"must be one of {ROPE_TYPES}")
     need(self.moe_dispatch in MOE_DISPATCHES, "moe_dispatch", f"must be one of {MOE_DISPATCHES}")
     need(self.mla_decode in MLA_DECODES, "mla_decode", f"must be one of {MLA_DECODES}")
+    need(self.router_dtype in ROUTER_DTYPES, "router_dtype", f"must be one of {ROUTER_DTYPES}")
     need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
     need(self.rope_theta > 0, "rope_theta", "must be positive")
     need(self.rope_factor > 0, "rope_factor", "must be positive")

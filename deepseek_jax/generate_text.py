@@ -26,6 +26,7 @@ import jax
 from absl import app, flags
 
 from deepseek_jax import cli, generation, sharding
+from deepseek_jax.config import ROUTER_DTYPES
 from deepseek_jax.dtypes import BY_NAME
 from deepseek_jax.pretrained import from_pretrained
 from deepseek_jax.tokenizer import load_tokenizer, tokenizer_for_model
@@ -54,6 +55,9 @@ _BOS = flags.DEFINE_bool("bos", True, "Prepend the tokenizer's bos token when it
 _MESH = flags.DEFINE_string("mesh", None, "Shard over the devices: axis sizes such as "
                             "'fsdp=2,expert=-1' (data, fsdp, expert, tensor; -1: the rest).")
 _WARMUP = flags.DEFINE_bool("warmup", True, "Compile before timing (one prefill and one step).")
+_ROUTER_DTYPE = flags.DEFINE_enum("router_dtype", None, list(ROUTER_DTYPES),
+                                  "Router precision (default: the config's, float32); bfloat16 is "
+                                  "DeepSeek's own inference code's router and expert sum.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "'byte', a tokenizer.json or a directory "
                                  "holding one (default: the one --model_dir carries).")
 
@@ -121,7 +125,8 @@ def main(argv):
       mesh = sharding.make_mesh(**sharding.parse_mesh(_MESH.value))
     except ValueError as e:
       raise app.UsageError(f"--mesh={_MESH.value}: {e}") from e
-  model = from_pretrained(_MODEL_DIR.value, dtype=dtype, mesh=mesh)
+  runtime = {"router_dtype": _ROUTER_DTYPE.value} if _ROUTER_DTYPE.value else {}
+  model = from_pretrained(_MODEL_DIR.value, dtype=dtype, mesh=mesh, **runtime)
   tokenizer = (load_tokenizer(_TOKENIZER.value) if _TOKENIZER.value
                else tokenizer_for_model(_MODEL_DIR.value, model.cfg.vocab_size))
   absorb = {"auto": None, "true": True, "false": False}[_ABSORB.value]

@@ -291,7 +291,7 @@ def _graphdef(cfg: DeepseekConfig, dtype, param_dtype):
 
 def replace_config(model: DeepseekForCausalLM, **runtime) -> DeepseekForCausalLM:
   """A model over the same arrays (not copied) whose config has other runtime fields
-  (`moe_dispatch`, `mla_decode`, `remat`); the given model is left as it is."""
+  (`moe_dispatch`, `mla_decode`, `remat`, `router_dtype`); the given model is left as it is."""
   bad = sorted(set(runtime) - (set(RUNTIME_FIELDS) - {"scan_layers"}))
   if bad:
     raise ValueError(f"replace_config: {bad} are not runtime fields that keep the parameter "

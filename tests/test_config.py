@@ -96,9 +96,9 @@ def test_unknown_keys_warn_once_listing_them(caplog):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("n_group", 3),                      # 8 experts not divisible by 3 groups
+    ("n_group", 3),                      # 16 experts not divisible by 3 groups
     ("topk_group", 5),                   # more groups kept than exist (n_group 4)
-    ("num_experts_per_tok", 9),          # more than n_routed_experts
+    ("num_experts_per_tok", 17),         # more than n_routed_experts
     ("topk_method", "random"),
     ("scoring_func", "relu"),
     ("hidden_act", "gelu"),

@@ -61,7 +61,8 @@ def test_cli_end_to_end(model_dir):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   res = subprocess.run(
       [sys.executable, "-m", "deepseek_jax.generate_text", f"--model_dir={model_dir}", "--prompt=Hi",
-       "--max_new_tokens=5", "--temperature=0.8", "--top_k=5", "--nowarmup", "--tokenizer=byte"],
+       "--max_new_tokens=5", "--temperature=0.8", "--top_k=5", "--nowarmup", "--tokenizer=byte",
+       "--router_dtype=bfloat16"],
       capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
   assert res.returncode == 0, res.stderr
   assert res.stdout.startswith("Hi") and "tok/s" in res.stdout
