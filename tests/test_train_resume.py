@@ -123,7 +123,7 @@ def test_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
 
 
 def test_a_save_commits_before_the_next_one_starts(tmp_path):
-  """Saves are asynchronous: a kill before a save commits (measured: 0.35-0.6 s, 4-7 tiny_v3
+  """Saves are asynchronous: a kill before a save commits (measured: 0.3-0.8 s, 3-7 tiny_v3
   steps on a 2-core CPU) resumes from the checkpoint before. The next save waits for the
   commit, so at most one checkpoint is ever pending."""
   from deepseek_jax import get_preset
