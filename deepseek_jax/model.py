@@ -76,8 +76,9 @@ def check_input_ids(input_ids, vocab_size: int) -> jax.Array:
   dtype = np.dtype(input_ids.dtype)
   if not np.issubdtype(dtype, np.integer):
     raise ValueError(f"input_ids: expected integer token ids, got dtype {dtype}")
-  if not isinstance(input_ids, jax.core.Tracer):
-    lo, hi = int(jnp.min(input_ids)), int(jnp.max(input_ids))
+  if not isinstance(input_ids, jax.core.Tracer):  # concrete, even when closed over by a jit
+    with jax.ensure_compile_time_eval():
+      lo, hi = int(jnp.min(input_ids)), int(jnp.max(input_ids))
     if lo < 0 or hi >= vocab_size:
       ids = np.asarray(input_ids)
       b, t = (int(i) for i in np.argwhere((ids < 0) | (ids >= vocab_size))[0])

@@ -66,6 +66,7 @@ def test_cli_end_to_end(model_dir):
       capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
   assert res.returncode == 0, res.stderr
   assert res.stdout.startswith("Hi") and "tok/s" in res.stdout
+  assert res.stderr == ""  # quiet: it logged 27 Orbax and JAX lines
   bad = subprocess.run([sys.executable, "-m", "deepseek_jax.generate_text", f"--model_dir={ROOT}/tests",
                         "--prompt=Hi"], capture_output=True, text=True, env=env, timeout=120,
                        cwd=ROOT)

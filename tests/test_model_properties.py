@@ -159,3 +159,7 @@ def test_ids_as_lists_work_and_jit_checks_only_shapes(weights):
   # under jit the values are not known: documented, not checked
   out = nnx.jit(lambda m, x: m(x))(model, jnp.asarray([[1, CFG.vocab_size]]))
   assert out.shape == (1, 2, CFG.vocab_size)
+  # ids a jitted function closes over are concrete: checked while tracing
+  bad = jnp.asarray([[1, CFG.vocab_size]])
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    nnx.jit(lambda m: m(bad))(model)
