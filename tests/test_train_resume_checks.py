@@ -7,15 +7,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
 from deepseek_jax import get_preset, trainer
 from deepseek_jax.train_config import TrainConfig
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.dirname(json.__file__)
 FLAGS = dict(preset="tiny_v3", data=CORPUS, seq_len=16, batch_size=2, steps=2, save_every=2,
              log_every=1, moe_dispatch="dense", peak_flops=1e11, progress=False,
@@ -41,15 +38,8 @@ def test_another_model_config_is_named_in_one_line(workdir, tmp_path):
   flags = dict(FLAGS, preset=None, config_json=str(tmp_path / "cfg"), steps=3)
   with pytest.raises(ValueError) as e:
     trainer.train(TrainConfig(**flags, workdir=str(workdir)), echo=lambda m: None)
-  msg = str(e.value)
+  msg = str(e.value)  # a ValueError: the CLI prints it as one line (tests/test_cli.py)
   assert "another model config (hidden_size: 64 -> 96)" in msg and "\n" not in msg, msg
-  args = [f"--{k}={v}" for k, v in flags.items() if v is not None and k != "progress"]
-  r = subprocess.run([sys.executable, "-m", "deepseek_jax.train", *args, f"--workdir={workdir}",
-                      "--noprogress"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  err = [l for l in r.stderr.splitlines() if "error:" in l]
-  assert r.returncode == 2 and len(err) == 1 and "hidden_size: 64 -> 96" in err[0], r.stderr[-3000:]
-  assert "Traceback" not in r.stderr
 
 
 def test_changed_run_settings_are_refused_unless_allowed(workdir, tmp_path):
