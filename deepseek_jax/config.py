@@ -24,6 +24,8 @@ import os
 import typing
 from typing import Any, Mapping
 
+from deepseek_jax.json_file import read_json_object
+
 log = logging.getLogger(__name__)
 
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -420,14 +422,7 @@ def read_config_json(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
     p = os.path.join(p, "config.json")
   if not os.path.isfile(p):
     raise FileNotFoundError(f"{p}: no config.json there")
-  try:
-    with open(p, encoding="utf-8") as f:
-      raw = json.load(f)
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{p}: not valid JSON ({e})") from e
-  if not isinstance(raw, dict):
-    raise ValueError(f"{p}: expected a JSON object, got {type(raw).__name__}")
-  return raw, p
+  return read_json_object(p), p
 
 
 def _read_rope(raw: Mapping[str, Any], source: str) -> dict[str, Any]:

@@ -30,6 +30,8 @@ import re
 import shutil
 from typing import Protocol, Sequence
 
+from deepseek_jax.json_file import read_json_object
+
 BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
 # Files of a tokenizer that travel with a model (present ones only): Hugging Face's and our marker.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -142,14 +144,10 @@ class HFTokenizer:
 def _read_special_names(config_path: str) -> dict[str, str]:
   if not os.path.isfile(config_path):
     return {}
-  try:
-    with open(config_path, encoding="utf-8") as f:
-      raw = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+  raw = read_json_object(config_path)
   out = {}
   for key in ("bos_token", "eos_token", "pad_token"):
-    v = raw.get(key) if isinstance(raw, dict) else None
+    v = raw.get(key)
     if isinstance(v, dict):
       v = v.get("content")
     if isinstance(v, str):

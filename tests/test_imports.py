@@ -24,8 +24,8 @@ P = "deepseek_jax."
 FLOORS = [  # (floor name, module patterns); the first match decides
     ("kernels", [P + "kernels_pallas", P + "kernels_pallas.*"]),
     ("config and leaf utilities", [P + m for m in (
-        "config", "presets", "dtypes", "tokenizer", "sampling", "losses", "optim", "metrics",
-        "data", "train_config", "convert", "convert.fp8", "quant", "chat", "train_data")]),
+        "config", "json_file", "presets", "dtypes", "tokenizer", "sampling", "losses", "optim",
+        "metrics", "data", "train_config", "convert", "convert.fp8", "quant", "chat", "train_data")]),
     ("layers and dispatch", [P + m for m in ("layers", "dispatch", "expert_parallel")]),
     ("attention and MoE", [P + "attention", P + "moe"]),
     ("model", [P + "model"]),
