@@ -169,10 +169,16 @@ def targets() -> list[list]:
   disp = _load("dispatch")
   if disp:
     mine = [r for r in disp["rows"] if r["method"] == disp["default"]]
-    lo = min(r["vs_matmul"] for r in mine)
-    hi = max(r["vs_matmul"] for r in mine)
-    add(f"MoE dispatch default (`{disp['default']}`) vs a dense matmul of the same useful FLOPs",
-        "<= 1.5x", f"{lo:.2f}x to {hi:.2f}x", hi <= 1.5)
+    at = [r["vs_matmul"] for r in mine
+          if (r["tokens"], r["experts"], r["mode"]) == (4096, 32, "forward+backward")]
+    span = (f"(all shapes timed: {min(r['vs_matmul'] for r in mine):.2f}x to "
+            f"{max(r['vs_matmul'] for r in mine):.2f}x)") if mine else ""
+    what = (f"MoE dispatch default (`{disp['default']}`), forward+backward at 4096 tokens x 32 "
+            "experts, vs a dense matmul of the same useful FLOPs")
+    if at:
+      add(what, "<= 1.5x", f"{at[0]:.2f}x {span}", at[0] <= 1.5)
+    else:
+      add(what, "<= 1.5x", f"not timed at that shape {span}", False)
   conv = _load("convert")
   if conv:
     raw = min(conv["seconds"]["raw read"])
