@@ -32,7 +32,7 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-@pytest.mark.parametrize("dispatch", ["dense", "ragged", "blocked"])
+@pytest.mark.parametrize("dispatch", ["dense", "ragged", "blocked", "capacity"])
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 def test_logits_match_transformers(checkpoints, name, dispatch, scan):
   d, ids, ref = checkpoints[name]
