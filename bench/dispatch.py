@@ -2,6 +2,7 @@
 the same useful FLOPs, forward and forward+backward, across expert and token counts.
 
   python bench/dispatch.py [--quick] [--shapes 4096x32,1024x8] [--methods blocked,capacity]
+      [--repeats 9]
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def main():
   p.add_argument("--quick", action="store_true")
   p.add_argument("--shapes", default="", help="tokens x experts, comma-separated (4096x32,...)")
   p.add_argument("--methods", default="", help="comma-separated dispatch methods to time")
+  p.add_argument("--repeats", type=int, default=0, help="timed runs per side (median)")
   args = p.parse_args()
   methods = ["dense", "ragged", "blocked", "capacity"]
   if jax.default_backend() in ("tpu", "gpu"):
@@ -111,7 +113,7 @@ def main():
     # size it would take minutes of the bench's budget to say so again
     slow = n * e > 4096 * 32 and jax.default_backend() == "cpu"
     rows += measure(n, e, [m for m in methods if not (slow and m == "ragged")],
-                    repeats=3 if args.quick else 5)
+                    repeats=args.repeats or (3 if args.quick else 5))
   default = dispatch.default_method()
   md = [f"D={D}, I={I}, K={K}, float32. Default on this platform: `{default}`. "
         "`vs matmul` = time / time of one dense matmul chain with the same useful FLOPs. On the "

@@ -80,7 +80,8 @@ run's.
   an expert's C slots go through a loop of 32-row tiles (none: no step). The slots' slack is
   E*C/M - 1 (14% at 512 copies per expert, 31% at 128), which with the routing bookkeeping (a
   sort, row gathers both ways, the weighted sum of each token's copies) is where its gap to the
-  matmul lies: it meets 1.5x at 4096 tokens x 32 experts and misses at 1024 x 32. `blocked`
+  matmul lies: under load it met 1.5x at 4096 tokens x 32 experts in two of four runs
+  (2026-11-30), and misses at 1024 x 32. `blocked`
   (tiles of up to 128 rows, each its own small GEMM through a loop, backward below one large
   transposed GEMM) stays selectable; `ragged_dot` on this jax/XLA:CPU computes every group in
   full (tens of times a matmul), and the masked `dense` path does E/K times the work. The

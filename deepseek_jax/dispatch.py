@@ -278,8 +278,12 @@ def _capacity_fwd(x, topk_weight, layout, c, w_gate, w_up, w_down):
                     _expert(w_down, e))
     return acc.at[cp // k].add(out)
 
-  acc = jnp.concatenate([y.astype(jnp.float32), jnp.zeros((1, x.shape[1]), jnp.float32)])
-  y = jax.lax.fori_loop(0, used, step, acc)[:-1].astype(x.dtype)
+  def overflow(y):
+    acc = jnp.concatenate([y.astype(jnp.float32), jnp.zeros((1, x.shape[1]), jnp.float32)])
+    return jax.lax.fori_loop(0, used, step, acc)[:-1].astype(y.dtype)
+
+  # without overflow (the common case) the float32 accumulator is never built
+  y = jax.lax.cond(used > 0, overflow, lambda y: y, y)
   return y, (vjp, x, topk_weight, layout, w_gate, w_up, w_down)
 
 
@@ -302,12 +306,17 @@ def _capacity_bwd(c, res, g):
     dws = jax.tree.map(lambda acc, d: acc.at[e].add(d.astype(acc.dtype)), dws, tuple(d_p))
     return dx.at[tok].add(d_rows.astype(dx.dtype)), dtw.at[cp].add(d_w), dws
 
-  dx = jnp.concatenate([f32(dx), jnp.zeros((1, dx.shape[1]), jnp.float32)])
-  dtw = jnp.concatenate([f32(dtw).reshape(-1), jnp.zeros((1,), jnp.float32)])
-  dx, dtw, dws32 = jax.lax.fori_loop(0, used, step, (dx, dtw, jax.tree.map(f32, tuple(dws))))
-  dws = jax.tree.map(lambda d, p: d.astype(p.dtype), dws32, tuple(dws))
-  return (dx[:-1].astype(x.dtype), dtw[:-1].reshape(n, k).astype(topk_weight.dtype), None,
-          *dws)
+  def overflow(dx, dtw, dws):
+    acc = (jnp.concatenate([f32(dx), jnp.zeros((1, dx.shape[1]), jnp.float32)]),
+           jnp.concatenate([f32(dtw).reshape(-1), jnp.zeros((1,), jnp.float32)]),
+           jax.tree.map(f32, dws))
+    dx32, dtw32, dws32 = jax.lax.fori_loop(0, used, step, acc)
+    return (dx32[:-1].astype(dx.dtype), dtw32[:-1].reshape(n, k).astype(dtw.dtype),
+            jax.tree.map(lambda d, p: d.astype(p.dtype), dws32, dws))
+
+  # without overflow the gradients pass through: no float32 copies of the weight gradients
+  dx, dtw, dws = jax.lax.cond(used > 0, overflow, lambda *a: a, dx, dtw, tuple(dws))
+  return (dx, dtw, None, *dws)
 
 
 _capacity_apply.defvjp(_capacity_fwd, _capacity_bwd)
