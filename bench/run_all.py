@@ -33,6 +33,8 @@ BENCHES = [
     ("generate", ["bench/generate.py"], 900, "prefill and decode: ours vs transformers"),
     ("long_context", ["bench/long_context.py"], 1200,
      "decode at 2K, 8K and 32K tokens of context: ours vs transformers, tokens/s and cache bytes"),
+    ("attention", ["bench/attention.py"], 600,
+     "attention's per-head cost, forward+backward: ours vs torch's fused SDPA"),
     ("peers", ["bench/peers/run_peers.py"], 1500, "MaxText and EasyDeL on the same config"),
     ("convert", ["bench/convert.py"], 600, "conversion throughput against raw disk reads"),
     ("kernels", ["bench/kernels.py"], 600, "grouped matmul and MLA decode kernels"),
