@@ -104,11 +104,12 @@ run's.
   `blocked` the fastest dispatch for a decode step). MTP self-speculation halves the loop steps
   when drafts are accepted; on 2 CPU cores verifying two tokens costs nearly two steps, so the
   gain shows at batch 8 with good drafts only.
-- **Conversion vs raw reads**: this disk reads the files at about 2 GB/s cold; the pipeline is
-  CPU bound: `load_hf` (per-tensor reads, transposes and casts) runs at about a quarter of the
-  raw rate, and the Orbax/TensorStore writes take more than half of the conversion. On a slower
-  disk (network storage) the ratio rises; closing it here needs several parameter groups
-  written concurrently and the casts done in XLA rather than NumPy.
+- **Conversion vs raw reads**: since issue 17 the one-device conversion transposes and casts in
+  NumPy on the host (the jitted relayout compiled once per tensor shape inside the conversion)
+  and loads two parameters at a time in threads; what remains is the Orbax partial saves of the
+  bfloat16 groups, written one at a time (two partial saves in flight into one checkpoint fail
+  in Orbax 0.12.8, seen in an exploratory run). On a slower disk (network storage) the ratio
+  rises; closing it here needs a writer that takes several groups at once.
 """
 
 
