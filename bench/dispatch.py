@@ -1,7 +1,8 @@
 """Which MoE dispatch to use by default, by measurement: every path against one dense matmul doing
 the same useful FLOPs, forward and forward+backward, across expert and token counts.
 
-  python bench/dispatch.py [--quick]
+  python bench/dispatch.py [--quick] [--shapes 4096x32,1024x8] [--methods blocked,capacity]
+      [--repeats 9]
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def measure(n: int, e: int, methods, repeats: int) -> list[dict]:
     calls = {}
     for name, (f, args) in fns.items():
       if mode == "forward+backward":
+        # gradients of the rows and of every weight on both sides: the 3x useful FLOPs below
         g = jax.jit(jax.grad(lambda *a, f=f: jnp.sum(f(*a) ** 2),
-                             argnums=(0,) if name == "matmul" else (0, 3, 4, 5)))
+                             argnums=(0, 1, 2, 3) if name == "matmul" else (0, 3, 4, 5)))
         calls[name] = lambda g=g, args=args: g(*args)
       else:
         calls[name] = lambda f=f, args=args: f(*args)
@@ -93,18 +95,25 @@ def breakdown(n: int, e: int, repeats: int) -> list[list]:
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--quick", action="store_true")
+  p.add_argument("--shapes", default="", help="tokens x experts, comma-separated (4096x32,...)")
+  p.add_argument("--methods", default="", help="comma-separated dispatch methods to time")
+  p.add_argument("--repeats", type=int, default=0, help="timed runs per side (median)")
   args = p.parse_args()
-  methods = ["dense", "ragged", "blocked"]
+  methods = ["dense", "ragged", "blocked", "capacity"]
   if jax.default_backend() in ("tpu", "gpu"):
     methods.append("pallas")
+  if args.methods:
+    methods = args.methods.split(",")
   shapes = [(1024, 8), (1024, 32), (4096, 32), (4096, 64)] if not args.quick else [(1024, 16)]
+  if args.shapes:
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
   rows = []
   for n, e in shapes:
     # ragged_dot computes every group in full here (about 50x a matmul at 4096 x 32): past that
     # size it would take minutes of the bench's budget to say so again
     slow = n * e > 4096 * 32 and jax.default_backend() == "cpu"
     rows += measure(n, e, [m for m in methods if not (slow and m == "ragged")],
-                    repeats=3 if args.quick else 5)
+                    repeats=args.repeats or (3 if args.quick else 5))
   default = dispatch.default_method()
   md = [f"D={D}, I={I}, K={K}, float32. Default on this platform: `{default}`. "
         "`vs matmul` = time / time of one dense matmul chain with the same useful FLOPs. On the "
@@ -126,7 +135,7 @@ def main():
                                   "breakdown": bd,
                                   "chart": chart,
                                   "machine": common.machine(), "versions": common.versions(),
-                                  "command": "python bench/dispatch.py" + (" --quick" if args.quick else "")})
+                                  "command": " ".join(["python bench/dispatch.py"] + sys.argv[1:])})
 
 
 if __name__ == "__main__":

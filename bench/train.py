@@ -16,7 +16,10 @@ width 512 plus one shared, MLA with 8 heads, vocab 8192, batch 4 x 512, float32 
 FLOP/s counts the model's useful training FLOPs (`DeepseekConfig.flops_per_token`: 6 x activated
 matmul parameters + attention), not the work a dispatch path wastes.
 
-  python bench/train.py [--quick]
+  python bench/train.py [--quick] [--heads 8] [--no_mid]
+
+--heads sets the tiny config's attention heads on both sides (the per-head cost of attention);
+--no_mid skips the mid-size config.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from bench import common
-from deepseek_jax import DeepseekConfig, optim
+from deepseek_jax import DeepseekConfig, dispatch, optim
 from deepseek_jax.model import DeepseekForCausalLM
 from deepseek_jax.train_config import TrainConfig
 from deepseek_jax.train_step import make_train_step
@@ -103,7 +106,9 @@ def transformers_step(tokens: np.ndarray):
 def tiny(repeats: int, roof: dict) -> tuple[list[str], list[list]]:
   """Ours (each dispatch) against transformers on the shared tiny config."""
   tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (B, T + 1)).astype(np.int32)
-  fns = {"ours (blocked dispatch, CPU default)": ours("blocked", tokens),
+  default = dispatch.default_method()
+  fns = {f"ours ({default} dispatch, the platform default)": ours(default, tokens),
+         "ours (blocked dispatch)": ours("blocked", tokens),
          "ours (dense dispatch)": ours("dense", tokens),
          "transformers + torch AdamW": transformers_step(tokens)}
   sync = lambda x: jax.block_until_ready(x) if isinstance(x, jax.Array) else x  # noqa: E731
@@ -114,7 +119,8 @@ def tiny(repeats: int, roof: dict) -> tuple[list[str], list[list]]:
   for name, s in secs.items():
     tps = B * T / s
     rows.append([name, s * 1e3, tps, peer / s, tps * flops_tok / (roof["gflops"] * 1e9)])
-  md = [f"Tiny V3 (hidden 256, 4 layers, 16 experts top-4, 1 shared, MLA), batch {B} x {T}, "
+  md = [f"Tiny V3 (hidden 256, 4 layers, 16 experts top-4, 1 shared, MLA with "
+        f"{CFG.num_attention_heads} heads), batch {B} x {T}, "
         f"float32, AdamW step; {flops_tok / 1e6:.1f} MFLOP per token (training).", "",
         common.table(["implementation", "ms / step", "tokens/s", "speed vs transformers", "MFU"],
                      rows)]
@@ -127,7 +133,8 @@ def mid(repeats: int, roof: dict) -> tuple[list[str], list[list]]:
       np.int32)
   flops_tok = MID.flops_per_token(MID_T, training=True)
   rows = []
-  for method in ("blocked",):  # dense dispatch runs all 32 experts on every token: 8x the FLOPs
+  # dense dispatch runs all 32 experts on every token: 8x the FLOPs
+  for method in dict.fromkeys((dispatch.default_method(), "blocked")):
     fn = ours(method, tokens, MID)
     s = common.time_alternating({method: fn}, repeats=repeats, warmup=1,
                                 sync=jax.block_until_ready)[method]
@@ -147,12 +154,17 @@ def mid(repeats: int, roof: dict) -> tuple[list[str], list[list]]:
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--quick", action="store_true")
+  p.add_argument("--heads", type=int, default=0, help="attention heads of the tiny config")
+  p.add_argument("--no_mid", action="store_true", help="skip the mid-size config")
   args = p.parse_args()
+  global CFG
+  if args.heads:
+    CFG = CFG.replace(num_attention_heads=args.heads, num_key_value_heads=args.heads)
   roof = common.matmul_roof_gflops()
   md, rows = tiny(3 if args.quick else 7, roof)
   md = [f"Machine: {common.machine()['cpu']}, {os.cpu_count()} cores; best float32 matmul "
         f"{roof['gflops']:.0f} GFLOP/s {roof['shape']} (the MFU denominator).", ""] + md
-  mid_md, mid_rows = mid(2 if args.quick else 3, roof)
+  mid_md, mid_rows = ([], []) if args.no_mid else mid(2 if args.quick else 3, roof)
   md += [""] + mid_md
   print("\n".join(md))
   common.save_result("train", {
@@ -163,6 +175,7 @@ def main():
       "mid": [dict(zip(["implementation", "ms", "tokens_per_s", "gflops", "mfu"], r))
               for r in mid_rows],
       "markdown": "\n".join(md),
+      "command": " ".join(["python bench/train.py"] + sys.argv[1:]),
       "chart": {"title": f"Training tokens/s, tiny V3, batch {B}x{T}, float32 (CPU)",
                 "labels": [r[0] for r in rows], "values": [r[2] for r in rows],
                 "ylabel": "tokens/s"}})

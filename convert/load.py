@@ -5,13 +5,17 @@ abstract model and the sharding rules). Each parameter is built with `jax.make_a
 the released tensor(s) that one device's shard needs (row-range slice reads; for stacked experts,
 only that shard's experts, one expert at a time), dequantizes FP8 blocks on the way, and hands the
 piece over in the released [out, in] layout. A jitted transpose-and-cast then produces our [in, out]
-layout with the target sharding. No host ever holds a whole stacked expert tensor or the whole
+layout with the target sharding (one device: NumPy transposes and casts on the host, no compile
+per shape). `iter_hf` loads a few parameters at a time in threads. No host ever holds a whole stacked expert tensor or the whole
 model: host memory stays within about one tensor (see `peak_host_bytes`).
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import functools
+import itertools
 import logging
 import os
 from typing import Callable, Iterator, Mapping
@@ -28,6 +32,9 @@ from deepseek_jax.dtypes import count_nonfinite
 from deepseek_jax.params import variable_specs
 
 log = logging.getLogger(__name__)
+
+# Parameters loaded concurrently by `iter_hf` (threads; host memory grows by this many tensors).
+LOAD_WORKERS = 2
 
 Targets = Mapping[str, jax.ShapeDtypeStruct]  # our path -> shape, dtype and sharding
 Progress = Callable[[str, int], None]          # (our parameter path, bytes read for it)
@@ -223,7 +230,10 @@ class HFCheckpoint:
     if keep:
       target = jnp.float8_e4m3fn
     hf_sharding = _permuted_sharding(sharding, perm, len(hf_shape))
-    if hf_sharding is None:  # host transpose and cast, straight into the target sharding
+    # One device (conversion, single-host loads): transpose and cast in NumPy on the host. The
+    # jitted relayout below would compile once per distinct tensor shape (tens of compiles for
+    # a checkpoint, most of a small conversion's time; bench/convert.py).
+    if hf_sharding is None or isinstance(sharding, jax.sharding.SingleDeviceSharding):
       def cb_host(index):
         hf_index = tuple(index[a] for a in np.argsort(perm)) if perm else index
         block = self.read_block(entry, hf_index, keep_fp8=keep, out_dtype=np.dtype(target))
@@ -264,21 +274,44 @@ def default_targets(cfg: DeepseekConfig, dtype=jnp.bfloat16, *, scanned: bool = 
 
 
 def iter_hf(ckpt: HFCheckpoint, targets: Targets, *, keep_fp8: bool = False,
-            progress: Progress | None = None) -> Iterator[tuple[str, jax.Array]]:
+            progress: Progress | None = None, workers: int = LOAD_WORKERS
+            ) -> Iterator[tuple[str, jax.Array]]:
   """(path, array) per parameter in table order, each as its target says; FP8 kept adds
-  `<path>_scale_inv` (our layout)."""
+  `<path>_scale_inv` (our layout).
+
+  `workers` parameters are read, dequantized, transposed and cast concurrently in threads (the
+  reads, NumPy's transposes and ml_dtypes' casts release the GIL) while the consumer takes the
+  earlier ones: at most `workers` loaded parameters wait beyond the one being consumed."""
   missing = sorted({e.ours for e in ckpt.entries} - set(targets))
   if missing:
     raise KeyError(f"no target for parameters {missing[:4]}")
-  for entry in ckpt.entries:
+
+  def load(entry: names.Entry) -> list[tuple[str, jax.Array]]:
     t = targets[entry.ours]
     sharding = t.sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    yield entry.ours, ckpt.load(entry, sharding, t.dtype, keep_fp8=keep_fp8)
+    out = [(entry.ours, ckpt.load(entry, sharding, t.dtype, keep_fp8=keep_fp8))]
     if keep_fp8 and ckpt.is_fp8(entry):
-      yield entry.ours + fp8.SCALE_SUFFIX, jax.device_put(ckpt.read_scales(entry),
-                                                          _replicated_like(sharding))
-    if progress is not None:
-      progress(entry.ours, ckpt.source_bytes(entry))
+      out.append((entry.ours + fp8.SCALE_SUFFIX,
+                  jax.device_put(ckpt.read_scales(entry), _replicated_like(sharding))))
+    return out
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, workers)) as pool:
+    entries = iter(ckpt.entries)
+    pending = collections.deque((e, pool.submit(load, e))
+                                for e in itertools.islice(entries, max(1, workers)))
+    try:
+      while pending:
+        entry, future = pending.popleft()
+        items = future.result()
+        nxt = next(entries, None)
+        if nxt is not None:
+          pending.append((nxt, pool.submit(load, nxt)))
+        yield from items
+        if progress is not None:
+          progress(entry.ours, ckpt.source_bytes(entry))
+    finally:
+      for _, f in pending:  # a consumer that stops early: do not load the rest
+        f.cancel()
 
 
 def _replicated_like(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:

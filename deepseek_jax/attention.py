@@ -134,8 +134,14 @@ class MLAttention(nnx.Module):
     cfg = self.cfg
     kv = self.kv_b_proj(c_kv).reshape(*c_kv.shape[:-1], cfg.num_attention_heads, -1)
     k_nope, v = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]  # [B, S, H, N|V]
-    scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope, preferred_element_type=jnp.float32)
-              + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, preferred_element_type=jnp.float32))
+    # One score product over [nope ; rope] (k_pe shared by the heads, broadcast): summing two
+    # products would write two [B, H, T, S] float32 score tensors and add them, forward and
+    # backward (the per-head cost of training and prefill; bench/train.py --heads).
+    q = jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1)          # [B, T, H, N+R]
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None].astype(k_nope.dtype),
+                                                  (*k_nope.shape[:-1], k_pe.shape[-1]))],
+                        axis=-1)                                                 # [B, S, H, N+R]
+    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
     probs = self._softmax(scores, mask)
     return jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v)
 

@@ -68,9 +68,12 @@ def _local(x, topk_idx, topk_weight, w_gate, w_up, w_down, *, num_experts, p, ca
   recv_e = jax.lax.all_to_all(send_e.reshape(p, capacity), "expert", 0, 0)       # [P, C]
   recv_x, recv_e = recv_x.reshape(-1, d), recv_e.reshape(-1)
   valid = recv_e >= 0
+  # The received rows are a static bound (mostly empty when dropless), not copies: `capacity`'s
+  # slots, sized from the rows, would multiply the work; its overflow tiles (`blocked`) do not.
+  local = "blocked" if method == "capacity" else method
   y = dispatch.moe_experts(recv_x, jnp.maximum(recv_e, 0)[:, None],
                            valid.astype(jnp.float32)[:, None], w_gate, w_up, w_down,
-                           method=method)                                       # [P*C, D]
+                           method=local)                                        # [P*C, D]
   back = jax.lax.all_to_all(y.reshape(p, capacity, d), "expert", 0, 0).reshape(-1, d)
   out = jnp.where(keep[:, None], back[jnp.minimum(slot, p * capacity - 1)], 0)  # [m, D]
   w = topk_weight.reshape(-1).astype(jnp.float32)

@@ -12,6 +12,12 @@ decode loop once per (batch, cache length, settings). The number of new tokens, 
 the number of loop steps per call are traced values, so streaming in chunks reuses one program.
 The cache length defaults to bucket(longest prompt) + bucket(max_new_tokens).
 
+Chunked prefill (`prefill_chunk`): the prompt bucket runs through the model `prefill_chunk` tokens
+at a time (a `lax.scan` over chunks), each chunk writing its latents into the full-length cache and
+attending over it, so a long prompt's activations (scores [B, H, chunk, S], the chunk's logits
+[B, chunk, V], the routed experts' copies) are bounded by the chunk, not the prompt. Only the
+last prompt token's logits are kept. Same result as the one-shot prefill, up to float rounding.
+
 Attention paths: decoding always uses the absorbed MLA path (it reads only the latent); the
 prefill uses the expanded path from `ABSORB_PREFILL_BELOW` tokens up (see bench/generate.py),
 unless `absorb` forces one path for both.
@@ -121,6 +127,7 @@ class _Static(NamedTuple):
   absorb_decode: bool
   speculative: bool
   record_logits: bool
+  prefill_chunk: int | None = None
 
 
 def _merge(graphdef, state):
@@ -145,15 +152,18 @@ def _prefill(graphdef, state, tokens, lengths, max_new, eos_id, key, *, cache_le
   rows = jnp.arange(b)
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   # Prefill into a cache of the bucket's length (attention over T, not S slots), then widen it.
-  cache = model.init_cache(b, t)
-  if not st.speculative:
-    cache = Cache(cache.layers, ())  # only the speculative loop runs the MTP block
-  out = model.forward(tokens, positions=positions, cache=cache, absorb=st.absorb_prefill,
-                      with_mtp=st.speculative)
-  widen = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, cache_len - t), (0, 0)])
-  cache = jax.tree.map(widen, out.cache)  # every cache array is [..., S, width]
   last = lengths - 1
-  logits = out.logits[rows, last]  # [B, V]
+  if st.prefill_chunk and t > st.prefill_chunk:
+    cache, logits = _prefill_chunks(graphdef, state, tokens, last, cache_len, st)
+  else:
+    cache = model.init_cache(b, t)
+    if not st.speculative:
+      cache = Cache(cache.layers, ())  # only the speculative loop runs the MTP block
+    out = model.forward(tokens, positions=positions, cache=cache, absorb=st.absorb_prefill,
+                        with_mtp=st.speculative)
+    widen = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, cache_len - t), (0, 0)])
+    cache = jax.tree.map(widen, out.cache)  # every cache array is [..., S, width]
+    logits = out.logits[rows, last]  # [B, V]
   first = sample(logits, jax.random.fold_in(key, 0), st.sampling)
   draft = jnp.zeros_like(first)
   if st.speculative:
@@ -171,6 +181,38 @@ def _prefill(graphdef, state, tokens, lengths, max_new, eos_id, key, *, cache_le
     rec = jnp.zeros((b, new_cap, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
   return DecodeState(cache, first, lengths, draft, buf, zeros + 1, (first == eos_id) | (max_new <= 1),
                      jnp.zeros((), jnp.int32), zeros, zeros, rec)
+
+
+def _prefill_chunks(graphdef, state, tokens, last, cache_len: int, st: _Static
+                    ) -> tuple[Cache, jax.Array]:
+  """The prompt tokens [B, T] through the model `st.prefill_chunk` at a time into a cache of
+  `cache_len` slots (a scan over chunks; the prompt is padded with id 0 to whole chunks, whose
+  positions past the cache are dropped by the cache write and never read). Returns the cache and
+  the float32 logits [B, V] at each row's last prompt position `last` [B]."""
+  b, t = tokens.shape
+  chunk = st.prefill_chunk
+  n = -(-t // chunk)
+  chunks = jnp.pad(tokens, ((0, 0), (0, n * chunk - t))).reshape(b, n, chunk).transpose(1, 0, 2)
+  starts = jnp.arange(n, dtype=jnp.int32) * chunk                          # [n]
+  rows = jnp.arange(b)
+  model = _merge(graphdef, state)
+  cache = model.init_cache(b, cache_len)
+  cache = Cache(cache.layers, ())  # chunked prefill is not speculative: no MTP block
+
+  def step(carry, xs):
+    cache, kept = carry                                                    # kept [B, V]
+    ids, start = xs                                                        # ids [B, chunk]
+    positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
+    out = _merge(graphdef, state).forward(ids, positions=positions, cache=cache,
+                                          absorb=st.absorb_prefill, with_mtp=False)
+    i = last - start                                                       # [B]
+    here = (i >= 0) & (i < chunk)
+    picked = out.logits[rows, jnp.clip(i, 0, chunk - 1)]                    # [B, V]
+    return (out.cache, jnp.where(here[:, None], picked, kept)), None
+
+  kept = jnp.zeros((b, model.cfg.vocab_size), jnp.float32)
+  (cache, logits), _ = jax.lax.scan(step, (cache, kept), (chunks, starts))
+  return cache, logits
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "st"), donate_argnames=("carry",))
@@ -240,8 +282,14 @@ class Generation:
                top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                eos_id: int | None = None, max_len: int | None = None, absorb: bool | None = None,
                speculative: bool = False, moe_method: str | None = None,
-               record_logits: bool = False):
+               record_logits: bool = False, prefill_chunk: int | None = None):
     cfg = model.cfg
+    if prefill_chunk is not None and (not isinstance(prefill_chunk, (int, np.integer))
+                                      or prefill_chunk < 1):
+      raise ValueError(f"prefill_chunk must be an integer >= 1 or None, got {prefill_chunk!r}")
+    if prefill_chunk is not None and speculative:
+      raise ValueError("prefill_chunk is not available with speculative decoding (the MTP "
+                       "block's cache is filled by the one-shot prefill)")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     sampling = SamplingParams(float(temperature), top_k, top_p)
@@ -267,7 +315,8 @@ class Generation:
       self.tokens = self.tokens[:, :self.cache_len]
     absorb_prefill = (self.tokens.shape[1] < ABSORB_PREFILL_BELOW) if absorb is None else absorb
     self.static = _Static(sampling, bool(absorb_prefill), True if absorb is None else bool(absorb),
-                          bool(speculative), bool(record_logits))
+                          bool(speculative), bool(record_logits),
+                          None if prefill_chunk is None else int(prefill_chunk))
     self.max_new = int(max_new_tokens)
     eos = cfg.eos_token_id if eos_id is None else eos_id
     self.eos_id = -1 if eos is None or eos < 0 else int(eos)
@@ -323,7 +372,8 @@ class Generation:
 def generate(model, prompt_ids: Any, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int | None = None, max_len: int | None = None, absorb: bool | None = None,
-             speculative: bool = False, moe_method: str | None = None) -> list[list[int]]:
+             speculative: bool = False, moe_method: str | None = None,
+             prefill_chunk: int | None = None) -> list[list[int]]:
   """Generates up to `max_new_tokens` tokens after each prompt; returns the new token ids.
 
   Args:
@@ -340,6 +390,8 @@ def generate(model, prompt_ids: Any, max_new_tokens: int, *, temperature: float 
       (`ABSORB_PREFILL_BELOW`); True or False forces one path for both.
     speculative: greedy self-speculative decoding with MTP depth 1 (same output, fewer steps).
     moe_method: override the model's MoE dispatch method for generation (e.g. "dense").
+    prefill_chunk: prefill the prompt this many tokens at a time (bounded activations for long
+      prompts; not with `speculative`); None: in one go.
 
   Returns:
     One list per prompt of the generated ids (not the prompt), ending with EOS when one was
@@ -347,7 +399,8 @@ def generate(model, prompt_ids: Any, max_new_tokens: int, *, temperature: float 
   """
   g = Generation(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                  top_p=top_p, seed=seed, eos_id=eos_id, max_len=max_len, absorb=absorb,
-                 speculative=speculative, moe_method=moe_method)
+                 speculative=speculative, moe_method=moe_method,
+                 prefill_chunk=prefill_chunk)
   g.prefill()
   g.decode()
   return g.results()

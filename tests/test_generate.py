@@ -161,3 +161,26 @@ def test_bucket():
   assert [generation.bucket(n) for n in (1, 16, 17, 100, 512, 513, 1100)] == [
       16, 16, 32, 128, 512, 1024, 1536]
   assert jax.tree.leaves(generation.prepare_prompts([[3], [4, 5]], 10))[1].tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("absorb", [True, False], ids=["absorbed", "expanded"])
+def test_chunked_prefill_equals_one_shot_prefill(absorb):
+  """A 45-token prompt (bucket 64) prefilled 16 tokens at a time (4 chunks, the rows' last
+  tokens in different chunks): the same cache slots and the same first-token logits."""
+  model = DeepseekForCausalLM(get_preset("tiny_v3"), rngs=nnx.Rngs(4))
+  r = np.random.RandomState(0)
+  prompts = [r.randint(1, 500, size=n).tolist() for n in (45, 7, 20)]
+  runs = {}
+  for chunk in (None, 16):
+    g = Generation(model, prompts, 4, eos_id=-1, record_logits=True, absorb=absorb,
+                   prefill_chunk=chunk)
+    g.prefill()
+    runs[chunk] = jax.tree.map(np.asarray, (g.carry.cache, g.carry.logits[:, 0], g.carry.token))
+  (c1, l1, t1), (c2, l2, t2) = runs[None], runs[16]
+  np.testing.assert_array_equal(t1, t2)
+  np.testing.assert_allclose(l1, l2, atol=1e-4, rtol=0)
+  for a, b in zip(jax.tree.leaves(c1.layers), jax.tree.leaves(c2.layers)):
+    for row, n in enumerate(len(p) for p in prompts):  # the slots holding each prompt
+      np.testing.assert_allclose(a[row, :n], b[row, :n], atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="prefill_chunk"):
+    Generation(model, prompts, 4, prefill_chunk=0)

@@ -115,7 +115,7 @@ def _loop_reference(x, idx, weight, ws):
   return jnp.stack(rows)
 
 
-@pytest.mark.parametrize("method", ["dense", "ragged", "blocked", "pallas"])
+@pytest.mark.parametrize("method", ["dense", "ragged", "blocked", "capacity", "pallas"])
 @pytest.mark.parametrize("n", [3, 40], ids=["few_copies", "many_copies"])
 def test_expert_adapters_in_every_dispatch_path_equal_a_loop(method, n):
   r = np.random.RandomState(n)
@@ -132,6 +132,25 @@ def test_expert_adapters_in_every_dispatch_path_equal_a_loop(method, n):
   g = jax.grad(loss(lambda ws: dispatch.moe_experts(x, idx, weight, *ws, method=method,
                                                      tile=8)))(ws)
   g_ref = jax.grad(loss(lambda ws: _loop_reference(x, idx, weight, ws)))(ws)
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-4)
+
+
+def test_expert_adapters_through_capacity_overflow_equal_a_loop():
+  """Every copy on experts 0 and 1: beyond their slots, `capacity` runs the copies through its
+  overflow tiles, adapters included (forward and the adapters' gradients)."""
+  n = 40
+  r = np.random.RandomState(7)
+  x = jnp.asarray(r.randn(n, D), jnp.float32)
+  idx = jnp.asarray(np.tile([0, 1], (n, 1)), jnp.int32)
+  assert n > dispatch.capacity(2 * n, E)  # experts 0 and 1 overflow their slots
+  weight = jnp.asarray(r.rand(n, 2), jnp.float32)
+  ws = _expert_weights(3)
+  run = jax.jit(lambda ws: dispatch.moe_experts(x, idx, weight, *ws, method="capacity"))
+  np.testing.assert_allclose(np.asarray(run(ws)),
+                             np.asarray(_loop_reference(x, idx, weight, ws)), atol=1e-4, rtol=1e-4)
+  g = jax.jit(jax.grad(lambda ws: jnp.sum(jnp.sin(run(ws)))))(ws)
+  g_ref = jax.grad(lambda ws: jnp.sum(jnp.sin(_loop_reference(x, idx, weight, ws))))(ws)
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=2e-4)
 

@@ -33,6 +33,12 @@ def test_capacity_factor_bounds_buffers_and_drops_overflow(results):
              for r in results if "error" in r)
 
 
+def test_capacity_method_under_expert_parallelism_equals_dense(results):
+  (r,) = [r for r in results if r.get("capacity_method")]
+  assert r["err"] <= 1e-5 * max(1.0, r["ref_max"]), r
+  assert r["grad_err"] <= 1e-5 * max(1.0, r["grad_max"]), r
+
+
 def test_any_token_count_through_the_context_mesh(results):
   odd = {r["odd_tokens"]: r for r in results if "odd_tokens" in r}
   assert sorted(odd) == [1, 13]  # 8 token shards: padded with expert-less tokens, then cut

@@ -100,7 +100,7 @@ def measure_ours(config_path: str, quick: bool = False) -> dict:
   x = jax.numpy.asarray(tokens[:, :-1])
   f = peer_common.median_seconds(lambda: fwd(model, x), warmup=timing["warmup"], repeats=reps,
                                  sync=jax.block_until_ready)
-  step = train_bench.ours("auto", tokens, cfg)  # the platform default (blocked on CPU)
+  step = train_bench.ours("auto", tokens, cfg)  # the platform default (capacity on CPU)
   s = peer_common.median_seconds(step, warmup=timing["warmup"], repeats=reps,
                                  sync=jax.block_until_ready)
   return {"forward_ms": f["median_s"] * 1e3, "train_ms": s["median_s"] * 1e3,
