@@ -42,8 +42,13 @@ class RouterOutput(NamedTuple):
   topk_weight: jax.Array  # [..., K] float32, normalised and scaled
 
 
-def route(cfg: DeepseekConfig, logits: jax.Array, bias: jax.Array | None) -> RouterOutput:
-  """Top-k expert choice and weights from router logits [N, E] (see the module docstring)."""
+def route(cfg: DeepseekConfig, logits: jax.Array, bias: jax.Array | None,
+          topk_idx: jax.Array | None = None) -> RouterOutput:
+  """Top-k expert choice and weights from router logits [N, E] (see the module docstring).
+
+  `topk_idx` [N, K] (routing replay: the experts an earlier forward chose, e.g. at sampling time
+  in RL) replaces step 2's choice; the weights are still computed by step 3 from these logits,
+  so they stay differentiable in the router."""
   logits = logits.astype(jnp.float32)
   scores = jax.nn.sigmoid(logits) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits, -1)
   n, e = scores.shape
@@ -63,7 +68,8 @@ def route(cfg: DeepseekConfig, logits: jax.Array, bias: jax.Array | None) -> Rou
     group_mask = jnp.any(jax.nn.one_hot(top_groups, g, dtype=jnp.bool_), axis=1)  # [N, G]
     expert_mask = jnp.repeat(group_mask, e // g, axis=1)  # [N, E]
     choice = jnp.where(expert_mask, choice, fill)
-  _, topk_idx = jax.lax.top_k(choice, cfg.num_experts_per_tok)  # [N, K]
+  if topk_idx is None:
+    _, topk_idx = jax.lax.top_k(choice, cfg.num_experts_per_tok)  # [N, K]
   weight = jnp.take_along_axis(scores, topk_idx, axis=-1)
   if cfg.norm_topk_prob:
     weight = weight / (jnp.sum(weight, axis=-1, keepdims=True) + 1e-20)
@@ -81,10 +87,10 @@ class Router(nnx.Module):
     if cfg.topk_method == "noaux_tc":
       self.e_score_correction_bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32))
 
-  def __call__(self, x: jax.Array) -> RouterOutput:  # x [N, D]
+  def __call__(self, x: jax.Array, topk_idx: jax.Array | None = None) -> RouterOutput:  # x [N, D]
     logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32), self.kernel[...].astype(jnp.float32))
     bias = self.e_score_correction_bias[...] if self.cfg.topk_method == "noaux_tc" else None
-    return route(self.cfg, logits, bias)
+    return route(self.cfg, logits, bias, topk_idx)
 
 
 class RoutedExperts(nnx.Module):
@@ -154,9 +160,10 @@ class MoE(nnx.Module):
                                 name="mlp.shared_experts", dtype=dtype, param_dtype=param_dtype,
                                 rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, RouterOutput]:  # x [B, T, D]
+  def __call__(self, x: jax.Array, topk_idx: jax.Array | None = None
+               ) -> tuple[jax.Array, RouterOutput]:  # x [B, T, D]; topk_idx [B, T, K] replay
     flat = x.reshape(-1, x.shape[-1])  # [N, D]
-    r = self.gate(flat)
+    r = self.gate(flat, None if topk_idx is None else topk_idx.reshape(flat.shape[0], -1))
     y = self.experts(flat, r).reshape(x.shape)
     if self.cfg.n_shared_experts:
       y = y + self.shared_experts(x)
