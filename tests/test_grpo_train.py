@@ -89,3 +89,41 @@ def test_cli_flag_errors_are_one_line(prompts, tmp_path, flag, message):
   assert r.returncode != 0
   lines = [l for l in r.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and message in lines[0], r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("speed", [0.0, 0.05], ids=["frozen", "updating"])
+def test_router_bias_frozen_or_updating_by_flag(speed):
+  """--bias_update_speed=0 leaves the router biases as they were; > 0 moves them (the
+  auxiliary-loss-free balancing rule on the batch's expert counts); the weights move both ways."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from deepseek_jax import get_preset, grpo_step, optim
+  from deepseek_jax.model import DeepseekForCausalLM
+  from deepseek_jax.sampling import SamplingParams
+
+  cfg = get_preset("tiny_v3", moe_dispatch="dense")
+  graphdef, params, frozen, rest = nnx.split(DeepseekForCausalLM(cfg, rngs=nnx.Rngs(0)),
+                                             nnx.Param, nnx.Param, ...)
+  tx = optim.make_optimizer(optim.OptimConfig(learning_rate=1e-3, warmup_steps=0, total_steps=1))
+  state = {"params": params, "frozen": frozen, "rest": rest, "opt_state": tx.init(params),
+           "step": jnp.zeros((), jnp.int32)}
+  rng = np.random.default_rng(0)
+  mask = np.zeros((4, 15), np.float32)
+  mask[:, 5:] = 1
+  batch = {"tokens": rng.integers(0, cfg.vocab_size, (4, 16)).astype(np.int32), "mask": mask,
+           "old_logp": np.full((4, 15), -6.0, np.float32),
+           "advantages": np.array([1.0, -1.0, 1.0, -1.0], np.float32)}
+  update = jax.jit(grpo_step.make_update(
+      graphdef, tx, cfg, SamplingParams(1.0), epsilon=0.2, epsilon_high=None, beta=0.0,
+      loss_type="grpo", max_len=10, replay=False, bias_update_speed=speed))
+  before = jax.tree.map(np.asarray, (state["params"], state["rest"]))
+  new, logs = update(state, batch)
+  assert float(logs["grad_norm"]) > 0
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool((a != np.asarray(b)).any()),
+                                       before[0], new["params"]))
+  assert any(moved)
+  bias_moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool((a != np.asarray(b)).any()),
+                                            before[1], new["rest"]))
+  assert bias_moved and any(bias_moved) == (speed > 0)
