@@ -120,16 +120,21 @@ def run_demo(workdir: str, *, sft_steps: int = 120, grpo_steps: int = 200, group
           "seconds": time.time() - t0}
 
 
-flags.DEFINE_integer("sft_steps", 120, "Supervised warm-up steps (batch 32).")
-flags.DEFINE_integer("grpo_steps", 200, "GRPO steps.")
-flags.DEFINE_integer("group_size", 8, "GRPO samples per prompt.")
-flags.DEFINE_integer("prompts_per_step", 16, "GRPO prompts per step.")
-flags.DEFINE_float("grpo_learning_rate", 3e-4, "GRPO learning rate.")
-flags.DEFINE_float("temperature", 1.0, "GRPO sampling temperature.")
-flags.DEFINE_integer("seed", 0, "Problems, initialisation and sampling seed.")
-flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "deepseek_jax_grpo_demo"),
-                    "Where the data, checkpoints and metrics go (emptied first).")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The demo's flags, defined only when it runs as a program (importing this module for its
+  config or functions defines none, so it cannot clash with another entry point's flags)."""
+  flags.DEFINE_integer("sft_steps", 120, "Supervised warm-up steps (batch 32).")
+  flags.DEFINE_integer("grpo_steps", 200, "GRPO steps.")
+  flags.DEFINE_integer("group_size", 8, "GRPO samples per prompt.")
+  flags.DEFINE_integer("prompts_per_step", 16, "GRPO prompts per step.")
+  flags.DEFINE_float("grpo_learning_rate", 3e-4, "GRPO learning rate.")
+  flags.DEFINE_float("temperature", 1.0, "GRPO sampling temperature.")
+  flags.DEFINE_integer("seed", 0, "Problems, initialisation and sampling seed.")
+  flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "deepseek_jax_grpo_demo"),
+                      "Where the data, checkpoints and metrics go (emptied first).")
 
 
 def main(argv):
@@ -149,4 +154,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
