@@ -25,6 +25,7 @@ import struct
 import numpy as np
 
 from deepseek_jax.dtypes import SAFETENSORS as DTYPES
+from deepseek_jax.json_file import read_json_object
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 INDEX_NAME = "model.safetensors.index.json"
@@ -306,12 +307,7 @@ class SafetensorsDir:
     raise FileNotFoundError(f"{root}: no {SINGLE_NAME}, {INDEX_NAME} or *.safetensors file")
 
   def _read_index(self, index: str) -> tuple[dict[str, None], dict[str, str]]:
-    try:
-      with open(index, encoding="utf-8") as f:
-        raw = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-      raise SafetensorsError(f"{index}: not valid JSON ({e})") from e
-    wm = raw.get("weight_map") if isinstance(raw, dict) else None
+    wm = read_json_object(index, error=SafetensorsError).get("weight_map")
     if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                            for k, v in wm.items()):
       raise SafetensorsError(f"{index}: needs a 'weight_map' object of tensor name -> file name")

@@ -19,6 +19,7 @@ from flax import nnx
 
 from deepseek_jax import checkpoint
 from deepseek_jax.config import LORA_TARGETS, DeepseekConfig
+from deepseek_jax.json_file import read_json_object
 from deepseek_jax.layers import Embed, Linear, LoRAParam
 from deepseek_jax.model import DeepseekForCausalLM
 from deepseek_jax.moe import RoutedExperts
@@ -113,11 +114,7 @@ def is_adapter_checkpoint(path: str | os.PathLike) -> bool:
 
 def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
   path = os.path.join(os.fspath(directory), ADAPTER_CONFIG)
-  try:
-    with open(path, encoding="utf-8") as f:
-      meta = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: not a readable adapter config ({e})") from e
+  meta = read_json_object(path)
   for key in ("lora_rank", "lora_alpha", "lora_targets"):
     if key not in meta:
       raise ValueError(f"{path}: missing {key!r}")

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from deepseek_jax.json_file import read_json_object
 from deepseek_jax.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -53,12 +54,7 @@ def read_template(model_dir: str | os.PathLike | None) -> str:
   path = os.path.join(os.fspath(model_dir), "tokenizer_config.json")
   if not os.path.isfile(path):
     return DEEPSEEK_TEMPLATE
-  try:
-    with open(path, encoding="utf-8") as f:
-      raw = json.load(f)
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from e
-  template = raw.get("chat_template") if isinstance(raw, dict) else None
+  template = read_json_object(path).get("chat_template")
   if isinstance(template, list):  # several named templates: the default one
     template = next((t.get("template") for t in template if t.get("name") == "default"), None)
   return template if isinstance(template, str) and template else DEEPSEEK_TEMPLATE

@@ -26,9 +26,9 @@ import time
 from typing import Any, Callable
 
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import app, flags
 
-from deepseek_jax import grpo_trainer, metrics, tasks
+from deepseek_jax import cli, grpo_trainer, metrics, tasks
 from deepseek_jax.grpo_config import GRPOConfig
 from deepseek_jax.presets import get_preset
 from deepseek_jax.pretrained import from_pretrained
@@ -140,8 +140,6 @@ def define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
   for name in ("sft_steps", "grpo_steps", "prompts_per_step"):
     if FLAGS[name].value < 1:
       raise app.UsageError(f"--{name}={FLAGS[name].value}: must be >= 1")
@@ -155,4 +153,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -211,7 +211,7 @@ def run(gc: GRPOConfig, *, echo: Callable[[str], None] = _echo,
   cfg = model_config(gc)
   dtype = from_name(gc.compute_dtype, "--compute_dtype")
   mesh = make_mesh(gc)
-  tokenizer = train_data.make_tokenizer(gc)
+  tokenizer = train_data.make_tokenizer(gc, cfg.vocab_size)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"--tokenizer={gc.tokenizer}: vocab_size {tokenizer.vocab_size} exceeds the "
                      f"model's vocab_size {cfg.vocab_size}")

@@ -24,14 +24,14 @@ P = "deepseek_jax."
 FLOORS = [  # (floor name, module patterns); the first match decides
     ("kernels", [P + "kernels_pallas", P + "kernels_pallas.*"]),
     ("config and leaf utilities", [P + m for m in (
-        "config", "presets", "dtypes", "tokenizer", "sampling", "losses", "optim", "metrics",
-        "data", "train_config", "convert", "convert.fp8", "quant", "chat", "train_data",
+        "config", "json_file", "presets", "dtypes", "tokenizer", "sampling", "losses", "optim",
+        "metrics", "data", "train_config", "convert", "convert.fp8", "quant", "chat", "train_data",
         "sandbox", "rewards", "grpo_loss", "grpo_config", "tasks", "distill_loss")]),
     ("layers and dispatch", [P + m for m in ("layers", "dispatch", "expert_parallel")]),
     ("attention and MoE", [P + "attention", P + "moe"]),
     ("model", [P + "model"]),
-    ("CLIs", [P + m for m in ("train", "generate_text", "demo", "grpo", "grpo_demo", "distill",
-                              "convert.hf_to_orbax",
+    ("CLIs", [P + m for m in ("cli", "train", "generate_text", "demo", "grpo", "grpo_demo",
+                              "distill", "convert.hf_to_orbax",
                               "convert.orbax_to_hf", "convert.plan", "sharding.plan")]
      + ["deepseek_jax"]),
     ("parameter I/O", [P + "params", P + "checkpoint", P + "workdir", P + "adapters",
