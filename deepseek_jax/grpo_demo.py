@@ -50,6 +50,24 @@ GRPO_DEMO_CONFIG = get_preset("tiny_v3").replace(
 NEW_TOKENS = 10  # "#### 1134" and the end of the reply
 
 
+# What a demo run writes in its workdir: the only entries it removes when it starts again.
+DEMO_ENTRIES = frozenset({"config.json", "sft.jsonl", "prompts.jsonl", "sft", "grpo"})
+
+
+def clear_workdir(workdir: str) -> None:
+  """Empties an earlier GRPO demo's workdir; refuses (ValueError) one holding anything else."""
+  if not os.path.exists(workdir):
+    return
+  if not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir}: exists and is not a directory")
+  foreign = sorted(set(os.listdir(workdir)) - DEMO_ENTRIES)
+  if foreign:
+    raise ValueError(f"--workdir={workdir} holds {len(foreign)} entries a GRPO demo run does not "
+                     f"write (first: {foreign[0]!r}); the demo empties its workdir, so give it a "
+                     "new or empty directory, or an earlier GRPO demo's")
+  shutil.rmtree(workdir)
+
+
 def _echo(msg: str) -> None:
   print(msg, flush=True)
 
@@ -68,11 +86,11 @@ def run_demo(workdir: str, *, sft_steps: int = 120, grpo_steps: int = 200, group
              sft_learning_rate: float = 1e-2, grpo_learning_rate: float = 3e-4,
              temperature: float = 1.0,
              seed: int = 0, echo: Callable[[str], None] = _echo) -> dict[str, Any]:
-  """Runs the five steps of the module docstring in `workdir` (emptied first); returns the
+  """Runs the five steps of the module docstring in `workdir` (an earlier GRPO demo's is emptied
+  first; any other non-empty directory is refused); returns the
   held-out accuracies before and after GRPO and the seconds each phase took."""
   workdir = os.path.abspath(workdir)
-  if os.path.isdir(workdir):
-    shutil.rmtree(workdir)
+  clear_workdir(workdir)
   os.makedirs(workdir)
   train_rows = tasks.sort_rows(train_problems, seed=seed)
   test_rows = tasks.sort_rows(held_out, seed=seed + 1, exclude=[r["prompt"] for r in train_rows])
