@@ -30,7 +30,21 @@ prediction at the last correct position is the next draft. Rejected slots (main 
 p+1) are overwritten by the next step before they are read, as with padding. Outputs equal plain
 greedy decoding up to float rounding between a 1-token and a 2-token step.
 
-Legend: B batch, T prompt bucket, S cache length, N new-token capacity, V vocab.
+Sampling for RL (`num_samples`, `return_logprobs`, `record_routing`):
+- G samples of each prompt share ONE prefill: the P prompts run through the model once, then
+  every cache array, the last logits and the lengths are repeated G times along the batch
+  (`jnp.repeat`, so row p*G + g is sample g of prompt p); the G rows draw different noise from
+  the first token on.
+- Each emitted token's log-probability under the distribution it was drawn from (temperature,
+  then top-k and top-p: `sampling.sample_with_logprob`) is kept beside it ([B, N] float32).
+- Each fed token's expert choice in every MoE layer is kept at its position ([B, S, K] int32 per
+  layer; slots never fed hold the prefill's choice for a pad token or experts 0..K-1), so a
+  learner can run the same sequences through the same experts (`model.forward(routing=...)`).
+- A sequence stops at its EOS (kept) or after max_new_tokens; `count` says how many tokens it has
+  and is the mask of its completion.
+
+Legend: B batch, P prompts, G samples per prompt, T prompt bucket, S cache length, N new-token
+capacity, V vocab, K experts per token.
 """
 
 from __future__ import annotations
@@ -45,7 +59,7 @@ import numpy as np
 from flax import nnx
 
 from deepseek_jax.model import Cache, replace_config
-from deepseek_jax.sampling import SamplingParams, sample
+from deepseek_jax.sampling import SamplingParams, sample_with_logprob
 
 # Prompts shorter than this (tokens, bucketed) are prefilled with the absorbed path (measured with
 # bench/generate.py --prefill_sweep; see the module docstring).
@@ -118,6 +132,8 @@ class DecodeState(NamedTuple):
   verify: jax.Array    # [B] int32 speculative steps taken while running
   accepted: jax.Array  # [B] int32 drafts accepted
   logits: jax.Array | None  # [B, N, V] float32 logits of each emitted token (record_logits only)
+  logprobs: jax.Array | None  # [B, N] float32 log-probability of each emitted token (logprobs only)
+  routes: tuple | None     # per MoE layer [B, S, K] int32 experts of each fed token (record_routing)
 
 
 class _Static(NamedTuple):
@@ -128,6 +144,9 @@ class _Static(NamedTuple):
   speculative: bool
   record_logits: bool
   prefill_chunk: int | None = None
+  logprobs: bool = False       # keep each token's log-probability
+  group: int = 1               # samples per prompt, sharing one prefill
+  record_routing: bool = False  # keep each fed token's experts
 
 
 def _merge(graphdef, state):
@@ -143,6 +162,18 @@ def _emit(out, index, tokens, mask):
   return out.at[rows, idx].set(tokens, mode="drop")
 
 
+def _initial_routes(router, k: int, cache_len: int, group: int) -> tuple:
+  """The prefill's expert choices [P, T, K] per MoE layer, widened to [P*G, S, K] (experts 0..K-1
+  in the slots past the prompt bucket, until a fed token writes its own)."""
+  out = []
+  for r in router:
+    p, t, _ = r.topk_idx.shape
+    buf = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (p, cache_len, k))
+    buf = buf.at[:, :t].set(r.topk_idx.astype(jnp.int32))
+    out.append(jnp.repeat(buf, group, axis=0))
+  return tuple(out)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "new_cap", "st"))
 def _prefill(graphdef, state, tokens, lengths, max_new, eos_id, key, *, cache_len: int,
              new_cap: int, st: _Static) -> DecodeState:
@@ -153,6 +184,7 @@ def _prefill(graphdef, state, tokens, lengths, max_new, eos_id, key, *, cache_le
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   # Prefill into a cache of the bucket's length (attention over T, not S slots), then widen it.
   last = lengths - 1
+  routes = None
   if st.prefill_chunk and t > st.prefill_chunk:
     cache, logits = _prefill_chunks(graphdef, state, tokens, last, cache_len, st)
   else:
@@ -162,9 +194,15 @@ def _prefill(graphdef, state, tokens, lengths, max_new, eos_id, key, *, cache_le
     out = model.forward(tokens, positions=positions, cache=cache, absorb=st.absorb_prefill,
                         with_mtp=st.speculative)
     widen = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, cache_len - t), (0, 0)])
-    cache = jax.tree.map(widen, out.cache)  # every cache array is [..., S, width]
-    logits = out.logits[rows, last]  # [B, V]
-  first = sample(logits, jax.random.fold_in(key, 0), st.sampling)
+    cache = jax.tree.map(widen, out.cache)  # every cache array is [..., B, S, width]
+    logits = out.logits[rows, last]  # [P, V]
+    if st.record_routing:
+      routes = _initial_routes(out.router, model.cfg.num_experts_per_tok, cache_len, st.group)
+  if st.group > 1:  # one prefill, its cache copied G ways: row p*G + g is sample g of prompt p
+    cache = jax.tree.map(lambda a: jnp.repeat(a, st.group, axis=a.ndim - 3), cache)
+    logits, lengths, last = (jnp.repeat(a, st.group, axis=0) for a in (logits, lengths, last))
+    b = b * st.group
+  first, first_lp = sample_with_logprob(logits, jax.random.fold_in(key, 0), st.sampling)
   draft = jnp.zeros_like(first)
   if st.speculative:
     # MTP at the last prompt position needs the first generated token's embedding.
@@ -179,8 +217,11 @@ def _prefill(graphdef, state, tokens, lengths, max_new, eos_id, key, *, cache_le
   rec = None
   if st.record_logits:
     rec = jnp.zeros((b, new_cap, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
+  lps = None
+  if st.logprobs:
+    lps = jnp.zeros((b, new_cap), jnp.float32).at[:, 0].set(first_lp)
   return DecodeState(cache, first, lengths, draft, buf, zeros + 1, (first == eos_id) | (max_new <= 1),
-                     jnp.zeros((), jnp.int32), zeros, zeros, rec)
+                     jnp.zeros((), jnp.int32), zeros, zeros, rec, lps, routes)
 
 
 def _prefill_chunks(graphdef, state, tokens, last, cache_len: int, st: _Static
@@ -229,16 +270,22 @@ def _decode(graphdef, state, carry: DecodeState, steps, max_new, eos_id, key, *,
     out = model.forward(s.token[:, None], positions=s.pos[:, None], cache=s.cache,
                         absorb=st.absorb_decode, with_mtp=False)
     logits = out.logits[:, 0]  # [B, V]
-    nxt = sample(logits, jax.random.fold_in(key, s.step + 1), st.sampling)
+    nxt, lp = sample_with_logprob(logits, jax.random.fold_in(key, s.step + 1), st.sampling)
     run = ~s.done
-    rec = s.logits
+    rec, lps, routes = s.logits, s.logprobs, s.routes
     if rec is not None:
       rec = rec.at[rows, jnp.where(run, s.count, rec.shape[1])].set(logits, mode="drop")
+    if lps is not None:
+      lps = lps.at[rows, jnp.where(run, s.count, lps.shape[1])].set(lp, mode="drop")
+    if routes:  # the fed token's experts, at its position
+      slot = jnp.where(run, s.pos, routes[0].shape[1])
+      routes = tuple(buf.at[rows, slot].set(r.topk_idx[:, 0], mode="drop")
+                     for buf, r in zip(routes, out.router))
     count = s.count + run
     done = s.done | (run & ((nxt == eos_id) | (count >= max_new)))
     return s._replace(cache=out.cache, token=jnp.where(run, nxt, s.token), pos=s.pos + run,
                       out=_emit(s.out, s.count, nxt, run), count=count, done=done,
-                      step=s.step + 1, logits=rec)
+                      step=s.step + 1, logits=rec, logprobs=lps, routes=routes)
 
   def speculative(s: DecodeState) -> DecodeState:
     model = _merge(graphdef, state)
@@ -275,14 +322,18 @@ def _decode(graphdef, state, carry: DecodeState, steps, max_new, eos_id, key, *,
 class Generation:
   """One batch of prompts being generated: `prefill()`, then `decode(steps)` until `finished`.
 
-  `generate` runs it in one go; the CLI calls `decode` in chunks to stream text.
+  `generate` runs it in one go; the CLI calls `decode` in chunks to stream text; the RL sampler
+  (`num_samples`, `return_logprobs`, `record_routing`: see the module docstring) reads
+  `arrays()`.
   """
 
   def __init__(self, model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                eos_id: int | None = None, max_len: int | None = None, absorb: bool | None = None,
                speculative: bool = False, moe_method: str | None = None,
-               record_logits: bool = False, prefill_chunk: int | None = None):
+               record_logits: bool = False, prefill_chunk: int | None = None,
+               num_samples: int = 1, return_logprobs: bool = False,
+               record_routing: bool = False):
     cfg = model.cfg
     if prefill_chunk is not None and (not isinstance(prefill_chunk, (int, np.integer))
                                       or prefill_chunk < 1):
@@ -290,9 +341,17 @@ class Generation:
     if prefill_chunk is not None and speculative:
       raise ValueError("prefill_chunk is not available with speculative decoding (the MTP "
                        "block's cache is filled by the one-shot prefill)")
+    if prefill_chunk is not None and record_routing:
+      raise ValueError("prefill_chunk is not available with record_routing (the prompt's "
+                       "experts are recorded by the one-shot prefill)")
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+      raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     sampling = SamplingParams(float(temperature), top_k, top_p)
+    if speculative and (num_samples > 1 or return_logprobs or record_routing):
+      raise ValueError("speculative decoding is greedy and plain: num_samples > 1, "
+                       "return_logprobs and record_routing need speculative=False")
     if speculative:
       if not cfg.num_nextn_predict_layers or not len(model.mtp):
         raise ValueError("speculative=True needs a model with an MTP module "
@@ -316,7 +375,8 @@ class Generation:
     absorb_prefill = (self.tokens.shape[1] < ABSORB_PREFILL_BELOW) if absorb is None else absorb
     self.static = _Static(sampling, bool(absorb_prefill), True if absorb is None else bool(absorb),
                           bool(speculative), bool(record_logits),
-                          None if prefill_chunk is None else int(prefill_chunk))
+                          None if prefill_chunk is None else int(prefill_chunk),
+                          bool(return_logprobs), int(num_samples), bool(record_routing))
     self.max_new = int(max_new_tokens)
     eos = cfg.eos_token_id if eos_id is None else eos_id
     self.eos_id = -1 if eos is None or eos < 0 else int(eos)
@@ -356,6 +416,34 @@ class Generation:
     out, count = np.asarray(self.carry.out), np.asarray(self.carry.count)
     return [out[b, :min(int(count[b]), self.max_new)].tolist() for b in range(out.shape[0])]
 
+  def logprobs(self) -> list[list[float]]:
+    """Per sequence, the log-probability of each token `results()` holds (return_logprobs)."""
+    if self.carry is None or self.carry.logprobs is None:
+      raise ValueError("logprobs needs return_logprobs=True and a prefill")
+    lps, count = np.asarray(self.carry.logprobs), np.asarray(self.carry.count)
+    return [lps[b, :min(int(count[b]), self.max_new)].tolist() for b in range(lps.shape[0])]
+
+  def arrays(self) -> dict[str, Any]:
+    """The batch as padded arrays for a learner: "tokens" [B, N] int32 (0 past each count),
+    "counts" [B] int32, "eos" [B] bool (stopped at EOS rather than at the length limit),
+    "prompt_tokens" [P, T] and "prompt_lengths" [P] (the right-padded prompts), "logprobs"
+    [B, N] float32 (return_logprobs), "routes" (record_routing: per MoE layer [B, S, K] int32).
+    N is the bucketed capacity (>= max_new_tokens); S the cache length."""
+    c = self.carry
+    count = np.minimum(np.asarray(c.count), self.max_new)
+    n = self.new_cap
+    live = np.arange(n)[None, :] < count[:, None]
+    tokens = np.where(live, np.asarray(c.out)[:, :n], 0).astype(np.int32)
+    last = tokens[np.arange(len(count)), np.maximum(count - 1, 0)]
+    out = {"tokens": tokens, "counts": count.astype(np.int32),
+           "eos": (last == self.eos_id) & (count > 0),
+           "prompt_tokens": self.tokens, "prompt_lengths": self.lengths}
+    if c.logprobs is not None:
+      out["logprobs"] = np.where(live, np.asarray(c.logprobs), 0.0).astype(np.float32)
+    if c.routes is not None:
+      out["routes"] = tuple(np.asarray(r) for r in c.routes)
+    return out
+
   def step_logits(self) -> list[np.ndarray]:
     """Per sequence: float32 [n, V], the logits from which each emitted token was chosen."""
     if self.carry is None or self.carry.logits is None:
@@ -373,7 +461,8 @@ def generate(model, prompt_ids: Any, max_new_tokens: int, *, temperature: float 
              top_k: int | None = None, top_p: float | None = None, seed: int = 0,
              eos_id: int | None = None, max_len: int | None = None, absorb: bool | None = None,
              speculative: bool = False, moe_method: str | None = None,
-             prefill_chunk: int | None = None) -> list[list[int]]:
+             prefill_chunk: int | None = None, num_samples: int = 1,
+             return_logprobs: bool = False):
   """Generates up to `max_new_tokens` tokens after each prompt; returns the new token ids.
 
   Args:
@@ -392,17 +481,26 @@ def generate(model, prompt_ids: Any, max_new_tokens: int, *, temperature: float 
     moe_method: override the model's MoE dispatch method for generation (e.g. "dense").
     prefill_chunk: prefill the prompt this many tokens at a time (bounded activations for long
       prompts; not with `speculative`); None: in one go.
+    num_samples: G samples of every prompt (rows p*G .. p*G + G-1 belong to prompt p), all from
+      one prefill of the prompt (its latent cache copied G ways).
+    return_logprobs: also return each token's log-probability under the distribution it was
+      sampled from: log softmax of logits / temperature after the top-k and top-p filters
+      (`sampling.token_logprobs`); 0 when greedy (a point mass).
 
   Returns:
-    One list per prompt of the generated ids (not the prompt), ending with EOS when one was
-    emitted, else `max_new_tokens` long.
+    One list per prompt (per sample) of the generated ids (not the prompt), ending with EOS when
+    one was emitted, else `max_new_tokens` long; with `return_logprobs`, the pair (those lists,
+    lists of the matching float log-probabilities).
   """
   g = Generation(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k,
                  top_p=top_p, seed=seed, eos_id=eos_id, max_len=max_len, absorb=absorb,
                  speculative=speculative, moe_method=moe_method,
-                 prefill_chunk=prefill_chunk)
+                 prefill_chunk=prefill_chunk, num_samples=num_samples,
+                 return_logprobs=return_logprobs)
   g.prefill()
   g.decode()
+  if return_logprobs:
+    return g.results(), g.logprobs()
   return g.results()
 
 

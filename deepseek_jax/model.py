@@ -104,14 +104,15 @@ class DecoderLayer(nnx.Module):
       self.mlp = MLP(cfg, cfg.intermediate_size, rngs=rngs, **kw)
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None,
-               absorb: bool = False, cache: LayerCache | None = None
+               absorb: bool = False, cache: LayerCache | None = None,
+               topk_idx: jax.Array | None = None
                ) -> tuple[jax.Array, RouterOutput | None, LayerCache | None]:
     a, cache = self.self_attn(self.input_layernorm(x), positions, mask=mask, absorb=absorb,
                               cache=cache)
     x = x + a
     h = self.post_attention_layernorm(x)
     if self.is_moe:
-      y, r = self.mlp(h)
+      y, r = self.mlp(h, topk_idx)
       return x + y, r, cache
     return x + self.mlp(h), None, cache
 
@@ -147,29 +148,31 @@ def _stack(cfg, layer_idx, count, kw, rngs) -> DecoderLayer:
   return create(rngs)
 
 
-def _scan_stack(stack: DecoderLayer, x, positions, mask, absorb, remat: bool, cache):
-  """Runs a stacked layer group; returns the output, stacked router outputs and stacked cache."""
-  def body(layer, h, c):
-    return layer(h, positions, mask, absorb, c)
+def _scan_stack(stack: DecoderLayer, x, positions, mask, absorb, remat: bool, cache,
+                topk_idx=None):
+  """Runs a stacked layer group; returns the output, stacked router outputs and stacked cache.
+  `topk_idx` (routing replay) is stacked like the layers: [layers, B, T, K]."""
+  def body(layer, h, c, k):
+    return layer(h, positions, mask, absorb, c, k)
 
   if remat:
     body = nnx.remat(body)
 
   if cache is None:
-    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-    def run(h, layer):
-      h, r, _ = body(layer, h, None)
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+    def run(h, layer, k):
+      h, r, _ = body(layer, h, None, k)
       return h, r
 
-    h, r = run(x, stack)
+    h, r = run(x, stack, topk_idx)
     return h, r, None
 
-  @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0))
-  def run_cached(h, layer, c):
-    h, r, c = body(layer, h, c)
+  @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
+  def run_cached(h, layer, c, k):
+    h, r, c = body(layer, h, c, k)
     return h, r, c
 
-  return run_cached(x, stack, cache)
+  return run_cached(x, stack, cache, topk_idx)
 
 
 class DeepseekForCausalLM(nnx.Module):
@@ -222,24 +225,32 @@ class DeepseekForCausalLM(nnx.Module):
       layers = tuple(one() for _ in range(cfg.num_hidden_layers))
     return Cache(layers, tuple(one() for _ in range(len(self.mtp))))
 
-  def decoder(self, x, positions, mask=None, absorb=False, cache=None):
-    """All decoder layers over x [B, T, D]: the un-normed output, router outputs, layer caches."""
+  def decoder(self, x, positions, mask=None, absorb=False, cache=None, routing=None):
+    """All decoder layers over x [B, T, D]: the un-normed output, router outputs, layer caches.
+    `routing`: per MoE layer, in order, the experts to use (see `forward`)."""
     routers: list[RouterOutput] = []
     new_cache: list[LayerCache] = []
+    n_moe = sum(self.cfg.is_moe_layer(i) for i in range(self.cfg.num_hidden_layers))
+    if routing is not None and len(routing) != n_moe:
+      raise ValueError(f"routing: {len(routing)} topk_idx arrays for {n_moe} MoE layers")
     if self.cfg.scan_layers:
       for j, stack in enumerate(self.stacks()):
+        replay = None
+        if routing is not None and stack.is_moe:  # the MoE stack holds every MoE layer
+          replay = jnp.stack(routing)
         x, r, c = _scan_stack(stack, x, positions, mask, absorb, self.cfg.remat,
-                              None if cache is None else cache[j])
+                              None if cache is None else cache[j], replay)
         new_cache.append(c)
         if r is not None:
           routers.extend(RouterOutput(*(a[i] for a in r)) for i in range(r.scores.shape[0]))
       return x, tuple(routers), tuple(new_cache)
     for i, layer in enumerate(self.layers):
       c = None if cache is None else cache[i]
+      k = routing[len(routers)] if routing is not None and layer.is_moe else None
       if self.cfg.remat:
-        x, r, c = nnx.remat(lambda l, h, c: l(h, positions, mask, absorb, c))(layer, x, c)
+        x, r, c = nnx.remat(lambda l, h, c, k: l(h, positions, mask, absorb, c, k))(layer, x, c, k)
       else:
-        x, r, c = layer(x, positions, mask, absorb, c)
+        x, r, c = layer(x, positions, mask, absorb, c, k)
       new_cache.append(c)
       if r is not None:
         routers.append(r)
@@ -248,14 +259,17 @@ class DeepseekForCausalLM(nnx.Module):
   # ------------------------------------------------------------------ forward
   def forward(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
               attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
-              absorb: bool = False, with_mtp: bool = True, cache: Cache | None = None
-              ) -> ModelOutput:
+              absorb: bool = False, with_mtp: bool = True, cache: Cache | None = None,
+              routing: tuple[jax.Array, ...] | None = None) -> ModelOutput:
     """Forward over input_ids [B, T] (int). `attention_mask` [B, T] marks real (non-pad) tokens;
     `segment_ids` [B, T] (packed sequences) keep attention within a segment, and then
     `positions` should restart in each (`chat.segment_positions`); `positions` default to
     0..T-1. With a `cache` (see `MLAttention.__call__`) the tokens' latents are stored at their
-    positions and the updated cache is returned. Ids are checked by `check_input_ids` (their
-    values only outside jit)."""
+    positions and the updated cache is returned. `routing` (routing replay, for RL): one int
+    topk_idx [B, T, K] per MoE decoder layer in layer order (as `ModelOutput.router` lists
+    them), the experts each token uses instead of the router's choice; the weights still come
+    from the router (`moe.route`). The MTP blocks always route themselves. Ids are checked by
+    `check_input_ids` (their values only outside jit)."""
     input_ids = check_input_ids(input_ids, self.cfg.vocab_size)
     b, t = input_ids.shape
     if positions is None:
@@ -266,7 +280,7 @@ class DeepseekForCausalLM(nnx.Module):
       mask = attention_mask_of(positions, positions, valid, segment_ids, segment_ids)
     x = self.embed(input_ids)  # [B, T, D]
     x, routers, layer_cache = self.decoder(x, positions, mask, absorb,
-                                           None if cache is None else cache.layers)
+                                           None if cache is None else cache.layers, routing)
     hidden = self.norm(x)
     logits = self.head(hidden)
     mtp_logits, mtp_cache = [], []

@@ -77,9 +77,14 @@ def limit_to_groups(choice: jax.Array, scores: jax.Array, keep: int, fill: float
   return jnp.where(jnp.repeat(group_mask, e // g, axis=1), choice, fill)
 
 
-def route(cfg: DeepseekConfig, logits: jax.Array, bias: jax.Array | None) -> RouterOutput:
+def route(cfg: DeepseekConfig, logits: jax.Array, bias: jax.Array | None,
+          topk_idx: jax.Array | None = None) -> RouterOutput:
   """Top-k expert choice and weights from router logits [N, E] (see the module docstring;
-  with `router_dtype` bfloat16 the logits are expected already rounded to bfloat16)."""
+  with `router_dtype` bfloat16 the logits are expected already rounded to bfloat16).
+
+  `topk_idx` [N, K] (routing replay: the experts an earlier forward chose, e.g. at sampling time
+  in RL) replaces step 2's choice; the weights are still computed by step 3 from these logits,
+  so they stay differentiable in the router."""
   bf16 = cfg.router_dtype == "bfloat16"
   f32 = logits.astype(jnp.float32)
   if cfg.scoring_func == "sigmoid":
@@ -96,7 +101,8 @@ def route(cfg: DeepseekConfig, logits: jax.Array, bias: jax.Array | None) -> Rou
   if by_group is not None and cfg.topk_group < cfg.n_group:
     choice = limit_to_groups(choice, by_group, cfg.topk_group, fill)
   k = cfg.num_experts_per_tok
-  _, topk_idx = jax.lax.top_k(choice, k)  # [N, K]
+  if topk_idx is None:
+    _, topk_idx = jax.lax.top_k(choice, k)  # [N, K]
   weight = jnp.take_along_axis(scores, topk_idx, axis=-1)
   total = jnp.sum(weight, axis=-1, keepdims=True)
   if cfg.scoring_func == "softmax" and cfg.norm_topk_prob and k > 1:
@@ -139,7 +145,8 @@ class Router(nnx.Module):
     if cfg.topk_method == "noaux_tc":
       self.e_score_correction_bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32))
 
-  def __call__(self, x: jax.Array) -> RouterOutput:  # x [N, D]
+  def __call__(self, x: jax.Array, topk_idx: jax.Array | None = None
+               ) -> RouterOutput:  # x [N, D]; topk_idx [N, K] replay
     if self.cfg.router_dtype == "bfloat16":
       logits = jnp.einsum("nd,de->ne", x.astype(_BF16), self.kernel[...].astype(_BF16),
                           preferred_element_type=jnp.float32).astype(_BF16)
@@ -147,7 +154,7 @@ class Router(nnx.Module):
       logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32),
                           self.kernel[...].astype(jnp.float32))
     bias = self.e_score_correction_bias[...] if self.cfg.topk_method == "noaux_tc" else None
-    return route(self.cfg, logits, bias)
+    return route(self.cfg, logits, bias, topk_idx)
 
 
 class RoutedExperts(nnx.Module):
@@ -224,9 +231,10 @@ class MoE(nnx.Module):
                                 name="mlp.shared_experts", dtype=dtype, param_dtype=param_dtype,
                                 rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, RouterOutput]:  # x [B, T, D]
+  def __call__(self, x: jax.Array, topk_idx: jax.Array | None = None
+               ) -> tuple[jax.Array, RouterOutput]:  # x [B, T, D]; topk_idx [B, T, K] replay
     flat = x.reshape(-1, x.shape[-1])  # [N, D]
-    r = self.gate(flat)
+    r = self.gate(flat, None if topk_idx is None else topk_idx.reshape(flat.shape[0], -1))
     y = self.experts(flat, r).reshape(x.shape)
     if self.cfg.n_shared_experts:
       y = y + self.shared_experts(x)

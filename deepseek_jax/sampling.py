@@ -8,6 +8,12 @@ means argmax (no randomness, the filters are moot).
 The settings are Python values (static under jit): each distinct setting compiles its own
 decoding loop, which is what a generation call wants anyway.
 
+Log-probabilities (`token_logprobs`, `sample_with_logprob`) are those of the distribution a token
+is actually drawn from: log softmax of the filtered, temperature-scaled logits (a token outside
+the top-k / top-p set has -inf). Greedy decoding draws from a point mass: its log-probability is
+0. The RL learner recomputes its policy's log-probabilities with the same function, so the
+sampler's and the learner's numbers describe one distribution.
+
 Legend: B batch, V vocab.
 """
 
@@ -78,3 +84,29 @@ def sample(logits: jax.Array, key: jax.Array, params: SamplingParams) -> jax.Arr
   if params.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   return jax.random.categorical(key, filter_logits(logits, params), axis=-1).astype(jnp.int32)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, params: SamplingParams) -> jax.Array:
+  """log p(token) under the distribution `sample` draws from: logits [..., V], tokens [...] int
+  -> float32 [...] (see the module docstring; 0 for greedy, -inf outside a top-k/top-p set).
+  Differentiable in the logits (the filter's choice of tokens is a constant)."""
+  tokens = tokens.astype(jnp.int32)
+  if params.greedy:
+    return jnp.zeros(tokens.shape, jnp.float32)
+  lead = logits.shape[:-1]
+  flat = filter_logits(logits.reshape(-1, logits.shape[-1]), params)       # [N, V]
+  logp = jax.nn.log_softmax(flat, axis=-1)
+  picked = jnp.take_along_axis(logp, tokens.reshape(-1, 1), axis=-1)[:, 0]  # [N]
+  return picked.reshape(lead)
+
+
+def sample_with_logprob(logits: jax.Array, key: jax.Array, params: SamplingParams
+                        ) -> tuple[jax.Array, jax.Array]:
+  """`sample` and the chosen tokens' `token_logprobs`: (int32 [B], float32 [B])."""
+  if params.greedy:
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return token, jnp.zeros(token.shape, jnp.float32)
+  x = filter_logits(logits, params)                                          # [B, V]
+  token = jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), token[:, None], axis=-1)[:, 0]
+  return token, logp
