@@ -25,18 +25,19 @@ FLOORS = [  # (floor name, module patterns); the first match decides
     ("kernels", [P + "kernels_pallas", P + "kernels_pallas.*"]),
     ("config and leaf utilities", [P + m for m in (
         "config", "presets", "dtypes", "tokenizer", "sampling", "losses", "optim", "metrics",
-        "data", "train_config", "convert", "convert.fp8", "quant", "chat", "train_data")]),
+        "data", "train_config", "convert", "convert.fp8", "quant", "chat", "train_data",
+        "distill_loss")]),
     ("layers and dispatch", [P + m for m in ("layers", "dispatch", "expert_parallel")]),
     ("attention and MoE", [P + "attention", P + "moe"]),
     ("model", [P + "model"]),
-    ("CLIs", [P + m for m in ("train", "generate_text", "demo", "convert.hf_to_orbax",
+    ("CLIs", [P + m for m in ("train", "generate_text", "demo", "distill", "convert.hf_to_orbax",
                               "convert.orbax_to_hf", "convert.plan", "sharding.plan")]
      + ["deepseek_jax"]),
     ("parameter I/O", [P + "params", P + "checkpoint", P + "workdir", P + "adapters",
                        P + "convert.*", P + "sharding", P + "sharding.*"]),
     ("from_pretrained", [P + "pretrained"]),
     ("generation and the training step", [P + "generation", P + "train_step", P + "export_hf"]),
-    ("the trainer loop", [P + "trainer"]),
+    ("the trainer loop", [P + "trainer", P + "distillation"]),
 ]
 ORDER = ["kernels", "config and leaf utilities", "layers and dispatch", "attention and MoE",
          "model", "parameter I/O", "from_pretrained", "generation and the training step",
