@@ -66,12 +66,13 @@ def test_forward_kl_and_gradient_match_references(k, tau):
   zt = rng.normal(size=(2, 5, v)).astype(np.float32) * 3
   zs = rng.normal(size=(2, 5, v)).astype(np.float32) * 2
   mask = (rng.random((2, 5)) > 0.3).astype(np.float32)
-  teacher = jnp.asarray(zt) if k is None else distill_loss.teacher_topk(jnp.asarray(zt), k, tau)
+  teacher = (jnp.asarray(zt) if k is None else
+             jax.jit(distill_loss.teacher_topk, static_argnums=1)(jnp.asarray(zt), k, tau))
   kk = v if k is None else k
 
   def loss(s):
     return distill_loss.forward_kl(teacher, s, jnp.asarray(mask), tau)[0]
-  value, grad = jax.value_and_grad(loss)(jnp.asarray(zs))
+  value, grad = jax.jit(jax.value_and_grad(loss))(jnp.asarray(zs))
   per_pos, p, q = _ref_kl(zt, zs, kk, tau)
   want = tau ** 2 * (per_pos * mask).sum() / mask.sum()
   np.testing.assert_allclose(float(value), want, rtol=1e-5, atol=1e-6)
@@ -83,22 +84,23 @@ def test_topk_over_the_whole_vocabulary_equals_full_and_bounds_it_below():
   rng = np.random.default_rng(1)
   zt = jnp.asarray(rng.normal(size=(3, 4, 17)) * 4, jnp.float32)
   zs = jnp.asarray(rng.normal(size=(3, 4, 17)), jnp.float32)
-  full = distill_loss.kl_full(zt, zs)
-  top_all = distill_loss.teacher_topk(zt, 17)
+  kl_full, kl_topk = jax.jit(distill_loss.kl_full), jax.jit(distill_loss.kl_topk)
+  teacher_topk = jax.jit(distill_loss.teacher_topk, static_argnums=1)
+  full = kl_full(zt, zs)
+  top_all = teacher_topk(zt, 17)
   assert bool(jnp.all(jnp.isneginf(top_all.log_rest)))
-  np.testing.assert_allclose(distill_loss.kl_topk(top_all, zs), full, rtol=1e-5, atol=1e-6)
-  g_full = jax.grad(lambda s: distill_loss.forward_kl(zt, s)[0])(zs)
-  g_top = jax.grad(lambda s: distill_loss.forward_kl(top_all, s)[0])(zs)
+  np.testing.assert_allclose(kl_topk(top_all, zs), full, rtol=1e-5, atol=1e-6)
+  grad = jax.jit(jax.grad(lambda t, s: distill_loss.forward_kl(t, s)[0], argnums=1))
+  g_full, g_top = grad(zt, zs), grad(top_all, zs)
   assert bool(jnp.all(jnp.isfinite(g_top)))
   np.testing.assert_allclose(g_top, g_full, rtol=1e-4, atol=1e-7)
   for k in (1, 3, 8):
-    top = distill_loss.teacher_topk(zt, k)
+    top = teacher_topk(zt, k)
     mass = jnp.exp(top.logp).sum(-1) + jnp.exp(top.log_rest)
     np.testing.assert_allclose(mass, 1.0, rtol=1e-5)
-    assert bool(jnp.all(distill_loss.kl_topk(top, zs) <= full + 1e-6))
+    assert bool(jnp.all(kl_topk(top, zs) <= full + 1e-6))
   # a student equal to the teacher has zero KL either way
-  np.testing.assert_allclose(distill_loss.kl_topk(distill_loss.teacher_topk(zt, 3), zt), 0,
-                             atol=1e-6)
+  np.testing.assert_allclose(kl_topk(teacher_topk(zt, 3), zt), 0, atol=1e-6)
   with pytest.raises(ValueError, match="k=18"):
     distill_loss.teacher_topk(zt, 18)
 
@@ -139,7 +141,7 @@ def test_cli_traces_train_a_student_through_the_chat_format(teacher, tmp_path):
   res = subprocess.run(
       [sys.executable, "-m", "deepseek_jax.distill", f"--teacher={teacher / 'teacher'}",
        f"--prompts={prompts}", f"--output={out}", "--num_samples=3", "--max_new_tokens=12",
-       "--temperature=0.8", "--top_p=0.95", "--seed=1", "--keep_truncated", "--prompt_batch=4"],
+       "--temperature=0.8", "--top_p=0.95", "--seed=1", "--keep_truncated"],
       capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
   assert res.returncode == 0, res.stderr[-3000:]
   assert "wrote 21 traces for 7 prompts" in res.stderr
@@ -154,17 +156,11 @@ def test_cli_traces_train_a_student_through_the_chat_format(teacher, tmp_path):
 
   # the traces train a fresh student with the trainer's chat format: its loss goes down
   trainer.train(TrainConfig(preset="tiny_v2_lite", data=str(out), data_format="chat",
-                            seq_len=64, batch_size=4, steps=12, learning_rate=1e-2,
+                            seq_len=64, batch_size=4, steps=10, learning_rate=1e-2,
                             warmup_steps=0, log_every=1, save_every=1000,
                             workdir=str(tmp_path / "student"), **QUIET), echo=lambda _: None)
   losses = [r["loss"] for r in metrics.read_jsonl(str(tmp_path / "student" / "metrics.jsonl"))]
-  assert len(losses) == 12 and np.mean(losses[-3:]) < losses[0] - 0.5, losses
-
-  # a missing flag is one clear line
-  bad = subprocess.run([sys.executable, "-m", "deepseek_jax.distill", "--mode=logits",
-                        f"--teacher={teacher / 'teacher'}"], capture_output=True, text=True,
-                       env=env, timeout=300, cwd=ROOT)
-  assert bad.returncode != 0 and "--mode=logits needs --data" in bad.stderr
+  assert len(losses) == 10 and np.mean(losses[-3:]) < losses[0] - 0.5, losses
 
 
 @pytest.mark.parametrize("text,match", [
@@ -208,21 +204,24 @@ def _student(tmp_path, **over):
   return str(tmp_path / "student")
 
 
-@pytest.mark.parametrize("kl_topk", [0, 16])
-def test_logit_distillation_lowers_held_out_kl(teacher, tmp_path, kl_topk):
+def test_logit_distillation_lowers_held_out_kl(teacher, tmp_path):
+  """A 2-layer, 32-wide student against the 3-layer, 64-wide teacher, on the teacher's top-16
+  (the full-vocabulary loss is the same loop with the teacher's logits whole; both losses are
+  checked against references above)."""
+  kl_topk = 16
   dc = DistillConfig(teacher=str(teacher / "teacher"), config_json=_student(tmp_path),
                      data=str(teacher / "train.txt"), eval_data=str(teacher / "heldout.txt"),
-                     kl_topk=kl_topk, seq_len=32, batch_size=8, steps=20, learning_rate=3e-3,
-                     warmup_steps=0, log_every=5, save_every=20, eval_every=20,
+                     kl_topk=kl_topk, seq_len=32, batch_size=8, steps=30, learning_rate=3e-3,
+                     warmup_steps=0, log_every=10, save_every=30, eval_every=30,
                      workdir=str(tmp_path / "w"), **QUIET)
   last = distill(dc, echo=lambda _: None)
   recs = metrics.read_jsonl(str(tmp_path / "w" / "metrics.jsonl"))
   before, after = recs[0]["eval_kl_init"], last["eval_kl"]
   print(f"held-out KL(teacher || student), kl_topk={kl_topk}: {before:.4f} -> {after:.4f}")
   assert after < 0.7 * before, (before, after)
-  assert [r["step"] for r in recs] == [1, 5, 10, 15, 20]
+  assert [r["step"] for r in recs] == [1, 10, 20, 30]
   assert recs[-1]["kl"] < recs[0]["kl"]
-  assert os.path.isdir(tmp_path / "w" / "checkpoints" / "20")  # the student alone, resumable
+  assert os.path.isdir(tmp_path / "w" / "checkpoints" / "30")  # the student alone, resumable
 
 
 def test_logit_distillation_refuses_mismatched_inputs(teacher, tmp_path):
