@@ -16,8 +16,8 @@ gradient, and the student minimises
 on the batch's target positions (every token of text; the assistant tokens of chat data). The
 MTP and balance terms are the trainer's (`train_step`, through its `main_loss` and `teach`
 hooks). The rest is the trainer's too: the model builder, mesh, data iterator, Orbax checkpoints
-with the data position (a rerun in the same workdir resumes), `metrics.jsonl`. The teacher is
-never saved. With --eval_data, the held-out KL(teacher ‖ student) (full vocabulary, τ = 1) is
+with the data position (a rerun in the same workdir resumes), `metrics.jsonl` and TensorBoard
+files. The teacher is never saved. With --eval_data, the held-out KL(teacher ‖ student) (full vocabulary, τ = 1) is
 logged as `eval_kl`, and before the first step as `eval_kl_init`.
 """
 
@@ -411,6 +411,8 @@ def distill(dc: DistillConfig, *, echo: Callable[[str], None] = _echo) -> dict[s
          f"{dc.steps} ({'top-%d' % dc.kl_topk if dc.kl_topk else 'full'} KL, "
          f"τ={dc.kl_temperature}): batch {dc.batch_size} x {dc.seq_len} tokens")
     writer = metrics_lib.JsonlWriter(metrics_path)
+    tb = (metrics_lib.EventFileWriter(os.path.join(workdir, "tensorboard"))
+          if dc.tensorboard else None)
     bar = metrics_lib.progress_bar(dc.steps, initial=start, enabled=dc.progress, unit="step")
     last: dict[str, Any] = {}
     t_last, since = time.perf_counter(), 0
@@ -432,6 +434,8 @@ def distill(dc: DistillConfig, *, echo: Callable[[str], None] = _echo) -> dict[s
           last = _record(logs, step_no, tps, extra)
           t_last, since, first = now, 0, {}
           writer.write(last)
+          if tb:
+            tb.scalars(step_no, last)
           bar.set_postfix(kl=f"{last['kl']:.4f}", refresh=False)
           bar.update(step_no - bar.n)
         if saving:
@@ -440,6 +444,8 @@ def distill(dc: DistillConfig, *, echo: Callable[[str], None] = _echo) -> dict[s
       bar.close()
       ckpt.close()
       writer.close()
+      if tb:
+        tb.close()
   if "eval_kl" in last:
     echo(f"step {last['step']}: held-out KL(teacher || student) {last['eval_kl']:.4f}")
   echo(f"step {last.get('step')}: distillation loss {last.get('kl', float('nan')):.4f}")
