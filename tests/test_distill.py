@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from deepseek_jax import chat, distill_loss, get_preset, metrics, trainer
-from deepseek_jax.distillation import DistillConfig, distill, read_prompts, write_traces
+from deepseek_jax.distillation import (DistillConfig, distill, read_prompts, trace_row,
+                                       write_jsonl, write_traces)
 from deepseek_jax.train_config import TrainConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,6 +162,19 @@ def test_cli_traces_train_a_student_through_the_chat_format(teacher, tmp_path):
                             workdir=str(tmp_path / "student"), **QUIET), echo=lambda _: None)
   losses = [r["loss"] for r in metrics.read_jsonl(str(tmp_path / "student" / "metrics.jsonl"))]
   assert len(losses) == 10 and np.mean(losses[-3:]) < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize("fmt", ["messages", "prompt_completion"])
+def test_trace_rows_read_back_as_the_trainers_chat_data(tmp_path, fmt):
+  convs = [[{"role": "user", "content": "1 + 2 = "}], [{"role": "user", "content": "é?"}]]
+  rows = [trace_row(c, a, fmt, sample=0) for c, a in zip(convs, ["3", "ü"])]
+  path = str(tmp_path / "t.jsonl")
+  write_jsonl(rows[:1], path)
+  write_jsonl(rows, path, overwrite=True)
+  assert os.listdir(tmp_path) == ["t.jsonl"]  # no temporary left behind
+  data_format = "chat" if fmt == "messages" else fmt
+  assert chat.read_conversations(path, data_format) == [
+      c + [{"role": "assistant", "content": a}] for c, a in zip(convs, ["3", "ü"])]
 
 
 @pytest.mark.parametrize("text,match", [
