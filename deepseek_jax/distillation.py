@@ -300,15 +300,10 @@ def _tokenizer(dc: DistillConfig):
 
 
 def _dataset(dc: DistillConfig, tokenizer, workdir: str, path: str, echo):
-  """Text as the trainer packs it; chat rows under the teacher's chat template (the student's
-  when it starts from --init_from)."""
-  if dc.data_format == "text":
-    return train_data.make_dataset(dc, tokenizer, workdir, path=path, log=echo)
-  template = chat.ChatTemplate(chat.read_template(dc.init_from or dc.teacher), tokenizer)
-  convs = chat.read_conversations(path, dc.data_format)
-  pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-  rows = chat.pack((template.encode(m) for m in convs), dc.seq_len + 1, pad)
-  return train_data.ChatRows(rows, f"--data={path}")
+  """Text as the trainer packs it; chat rows as the trainer packs them, under the chat template
+  of the student's --init_from directory, else the teacher's."""
+  return train_data.make_dataset(dataclasses.replace(dc, init_from=dc.init_from or dc.teacher),
+                                 tokenizer, workdir, path=path, log=echo)
 
 
 def _check(dc: DistillConfig, cfg, t_cfg, tokenizer) -> None:
