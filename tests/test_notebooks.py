@@ -47,10 +47,14 @@ CI_PARAMS = {
         base_dir="{hf_dir}", workdir="{tmp}/lora", lora_rank=4, base_dtype="int8",
         mesh_axes={"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}, seq_len=64, batch_size=4,
         steps=4, learning_rate=5e-3, examples=40, max_new_tokens=4),
+    "05_grpo.ipynb": dict(
+        workdir="{tmp}/grpo", sft_steps=3, grpo_steps=2, group_size=2, prompts_per_step=2,
+        train_problems=40, held_out=8, hidden_size=32, num_layers=2,
+        mesh_axes={"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}),
 }
 # Simulated CPU devices per notebook (XLA's host platform device count).
 CPU_DEVICES = {"02_convert_and_generate.ipynb": 2, "03_experts_and_sharding.ipynb": 4,
-               "04_finetune_lora.ipynb": 2}
+               "04_finetune_lora.ipynb": 2, "05_grpo.ipynb": 2}
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +110,11 @@ def _inject(nb, params: dict) -> None:
   cell = nbformat.v4.new_code_cell(src)
   cell.metadata["tags"] = ["injected-parameters"]
   nb.cells.insert(idx[0] + 1, cell)
+
+
+def metrics_rows(path) -> list[dict]:
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
 
 
 def _outputs(nb) -> list[dict]:
@@ -179,6 +188,10 @@ def test_notebook_runs_on_cpu(name, tmp_path, request):
     assert "backend: cpu - 2 device(s)" in text and "held-out loss by step:" in text
     assert os.path.isfile(tmp_path / "lora" / "merged-hf" / "config.json")
     assert os.path.isfile(tmp_path / "lora" / "merged-hf" / "tokenizer.json")
+  if name.startswith("05_"):
+    assert "backend: cpu - 2 device(s)" in text and "held-out accuracy:" in text
+    assert len(metrics_rows(tmp_path / "grpo" / "grpo" / "metrics.jsonl")) == 2
+    assert any("image/png" in o.get("data", {}) for o in _outputs(nb)), "no reward plot"
   if name.startswith("03_"):
     assert "backend: cpu - 4 device(s)" in text and "'expert': 4" in text
     diffs = [float(x) for x in re.findall(r"max \|[^|]*\| ([0-9.e+-]+)", text)]
