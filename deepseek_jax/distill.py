@@ -20,6 +20,8 @@ are `{"messages": [..., {"role": "assistant", ...}]}` (or `{"prompt", "completio
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags, logging
 
 from deepseek_jax import sharding
@@ -41,13 +43,18 @@ _PROMPTS = flags.DEFINE_string("prompts", None, "traces: JSONL prompt rows.")
 _OUTPUT = flags.DEFINE_string("output", None, "traces: the JSONL file written.")
 _FORMAT = flags.DEFINE_enum("output_format", "messages", ["messages", "prompt_completion"],
                             "traces: rows for --data_format=chat or prompt_completion.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "traces: answers per prompt.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "traces: tokens per answer at most.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.6, "traces: sampling temperature (0: greedy).")
-_TOP_P = flags.DEFINE_float("top_p", 0.95, "traces: nucleus mass (1: off).")
-_TOP_K = flags.DEFINE_integer("top_k", None, "traces: sample among the k most likely tokens.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "traces: answers per prompt.", lower_bound=1)
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 256, "traces: tokens per answer at most.",
+                                lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.6, "traces: sampling temperature (0: greedy).",
+                                  lower_bound=0.0)
+_TOP_P = flags.DEFINE_float("top_p", 0.95, "traces: nucleus mass (1: off).", lower_bound=0.0,
+                            upper_bound=1.0)
+_TOP_K = flags.DEFINE_integer("top_k", None, "traces: sample among the k most likely tokens.",
+                              lower_bound=1)
 _SYSTEM = flags.DEFINE_string("system", None, "traces: system message for prompts without one.")
-_PROMPT_BATCH = flags.DEFINE_integer("prompt_batch", 8, "traces: prompts per generate call.")
+_PROMPT_BATCH = flags.DEFINE_integer("prompt_batch", 8, "traces: prompts per generate call.",
+                                     lower_bound=1)
 _KEEP = flags.DEFINE_bool("keep_truncated", False,
                           "traces: keep answers cut by --max_new_tokens (default: dropped).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "traces: replace an existing --output.")
@@ -58,18 +65,26 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+  try:
+    run(_MODE.value)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad flags or inputs: one line
+    sys.exit(f"deepseek_jax.distill: {e}")
+
+
+def run(mode: str) -> None:
+  """The mode's function with the parsed flags."""
   dc = from_flag_values({s.name: FLAGS[s.name].value for s in flag_specs(DistillConfig)},
                         DistillConfig)
-  if _MODE.value == "logits":
+  if mode == "logits":
     for name in ("teacher", "data", "workdir"):
       if not getattr(dc, name):
-        raise app.UsageError(f"--mode=logits needs --{name}")
+        raise ValueError(f"--mode=logits needs --{name}")
     distill(dc)
     return
   for name, value in (("teacher", dc.teacher), ("prompts", _PROMPTS.value),
                       ("output", _OUTPUT.value)):
     if not value:
-      raise app.UsageError(f"--mode=traces needs --{name}")
+      raise ValueError(f"--mode=traces needs --{name}")
   mesh = sharding.make_mesh(data=dc.data_parallel, fsdp=dc.fsdp, expert=dc.expert,
                             tensor=dc.tensor)
   write_traces(dc.teacher, _PROMPTS.value, _OUTPUT.value, compute_dtype=dc.compute_dtype,

@@ -163,6 +163,15 @@ def test_cli_traces_train_a_student_through_the_chat_format(teacher, tmp_path):
   losses = [r["loss"] for r in metrics.read_jsonl(str(tmp_path / "student" / "metrics.jsonl"))]
   assert len(losses) == 10 and np.mean(losses[-3:]) < losses[0] - 0.5, losses
 
+  # bad input is one line naming the file and line
+  prompts.write_text('{"prompt": "a"}\n{"prompt": 3}\n')
+  bad = subprocess.run([sys.executable, "-m", "deepseek_jax.distill",
+                        f"--teacher={teacher / 'teacher'}", f"--prompts={prompts}",
+                        f"--output={tmp_path / 'other.jsonl'}"], capture_output=True, text=True,
+                       env=env, timeout=300, cwd=ROOT)
+  assert bad.returncode != 0 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+  assert f"{prompts}:2: expected" in bad.stderr.strip().splitlines()[-1]
+
 
 @pytest.mark.parametrize("fmt", ["messages", "prompt_completion"])
 def test_trace_rows_read_back_as_the_trainers_chat_data(tmp_path, fmt):
