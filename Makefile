@@ -70,7 +70,8 @@ test-current: .venv-current/.test
 test: .venv-oldest/.test .venv-current/.test
 	@mkdir -p $(LOGS); start=$$(date +%s); \
 	for s in oldest current; do \
-	  ( $(MAKE) --no-print-directory test-$$s > $(LOGS)/$$s.out 2>&1; echo $$? > $(LOGS)/$$s.rc ) & \
+	  ( rc=0; $(MAKE) --no-print-directory test-$$s > $(LOGS)/$$s.out 2>&1 || rc=$$?; \
+	    echo $$rc > $(LOGS)/$$s.rc ) & \
 	done; wait; status=0; \
 	for s in oldest current; do \
 	  echo "==================== $$s stack"; cat $(LOGS)/$$s.out; \

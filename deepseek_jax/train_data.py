@@ -29,11 +29,11 @@ def make_tokenizer(tc: TrainConfig):
 class ChatRows:
   """Packed conversations: row i is {"tokens", "loss_mask", "segment_ids"} [seq_len + 1]."""
 
-  def __init__(self, rows: dict[str, np.ndarray], source: str):
+  def __init__(self, rows: dict[str, np.ndarray], source: str, cut: str = ""):
     if not len(rows["tokens"]):
       raise ValueError(f"{source}: no rows")
     if not rows["loss_mask"][:, 1:].any():
-      raise ValueError(f"{source}: no assistant tokens to train on")
+      raise ValueError(f"{source}: no assistant tokens to train on{cut}")
     self.rows = rows
 
   def __len__(self) -> int:
@@ -49,8 +49,13 @@ def chat_rows(path: str, tc: TrainConfig, tokenizer) -> ChatRows:
   template = chat.ChatTemplate(chat.read_template(tc.init_from), tokenizer)
   convs = chat.read_conversations(path, tc.data_format)
   pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-  rows = chat.pack((template.encode(m) for m in convs), tc.seq_len + 1, pad)
-  return ChatRows(rows, f"--data={path}")
+  encoded = [template.encode(m) for m in convs]
+  longest = max((len(ids) for ids, _ in encoded), default=0)
+  cut = sum(len(ids) > tc.seq_len + 1 for ids, _ in encoded)
+  why = (f" ({cut} of {len(encoded)} conversations are longer than --seq_len + 1 = "
+         f"{tc.seq_len + 1} tokens, the longest {longest}, and were cut; raise --seq_len)"
+         if cut else "")
+  return ChatRows(chat.pack(encoded, tc.seq_len + 1, pad), f"--data={path}", why)
 
 
 def make_dataset(tc: TrainConfig, tokenizer, workdir: str, *, path: str | None = None, log=None):

@@ -125,10 +125,11 @@ def build_model(tc: TrainConfig, cfg: DeepseekConfig, dtype, echo, mesh):
   quantized = tc.base_dtype in ("int8", "fp8")
   param_dtype = jnp.bfloat16 if tc.base_dtype != "float32" else jnp.float32
   if not tc.init_from:
-    model = sharding.create_sharded(cfg.replace(weight_quant="none"), mesh, rngs_seed=tc.seed,
-                                    dtype=dtype, param_dtype=param_dtype)
     if quantized:
-      raise ValueError("--base_dtype=int8|fp8 quantizes a pretrained base: pass --init_from")
+      raise ValueError(f"--base_dtype={tc.base_dtype} quantizes a pretrained base: pass "
+                       "--init_from")
+    model = sharding.create_sharded(cfg, mesh, rngs_seed=tc.seed, dtype=dtype,
+                                    param_dtype=param_dtype)
   else:
     echo(f"loading weights from {tc.init_from}")
     model = from_pretrained(tc.init_from, dtype=dtype, param_dtype=param_dtype, mesh=mesh,

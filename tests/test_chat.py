@@ -111,3 +111,17 @@ def test_only_assistant_tokens_are_targets(loss_fn):
   np.testing.assert_allclose(
       float(loss_fn({k: jnp.asarray(v) for k, v in changed.items()})["loss"]),
       float(base["loss"]), rtol=1e-6)
+
+
+def test_conversations_cut_before_their_reply_are_named(tmp_path):
+  from deepseek_jax import train_data
+
+  data = tmp_path / "long.jsonl"
+  data.write_text(json.dumps({"messages": CONVS[1]}) + "\n")
+  n = len(TEMPLATE.encode(CONVS[1])[0])
+  ok = TrainConfig(data=str(data), data_format="chat", seq_len=n - 1)
+  assert len(train_data.chat_rows(str(data), ok, TOK)) == 1
+  short = TrainConfig(data=str(data), data_format="chat", seq_len=8)
+  with pytest.raises(ValueError, match=rf"long.jsonl: no assistant tokens .*1 of 1 conversations "
+                                       rf"are longer than --seq_len \+ 1 = 9 tokens, the longest {n}"):
+    train_data.chat_rows(str(data), short, TOK)

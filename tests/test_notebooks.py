@@ -45,7 +45,7 @@ CI_PARAMS = {
                    ("v6e-256", "infer", {"expert": 32, "tensor": 8})]),
     "04_finetune_lora.ipynb": dict(
         base_dir="{hf_dir}", workdir="{tmp}/lora", lora_rank=4, base_dtype="int8",
-        mesh_axes={"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}, seq_len=64, batch_size=4,
+        mesh_axes={"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}, seq_len=128, batch_size=4,
         steps=4, learning_rate=5e-3, examples=40, max_new_tokens=4),
     "05_grpo.ipynb": dict(
         workdir="{tmp}/grpo", sft_steps=3, grpo_steps=2, group_size=2, prompts_per_step=2,
