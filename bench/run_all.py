@@ -36,6 +36,8 @@ BENCHES = [
     ("kernels", ["bench/kernels.py"], 600, "grouped matmul and MLA decode kernels"),
     ("sharding", ["bench/sharding.py"], 600,
      "a MoE layer on 8 devices: expert parallelism vs XLA's partitioning vs one device"),
+    ("grpo", ["bench/grpo.py"], 900,
+     "GRPO step time: ours vs TRL's GRPOTrainer (transformers) on the same tiny config and task"),
     ("gpu", ["bench/gpu.py"], 400,
      "GPU only: Triton grouped matmul and MLA decode against the device's roofs, ~1B-model MFU"),
 ]
@@ -137,6 +139,11 @@ def targets() -> list[list]:
   def add(what, target, value, ok):
     rows.append([what, target, value, "yes" if ok else "**no**"])
 
+  grpo = _load("grpo")
+  if grpo and {"ours", "trl"} <= set(grpo["results"]):
+    r = grpo["results"]["trl"]["seconds"] / grpo["results"]["ours"]["seconds"]
+    add("GRPO step time vs TRL GRPOTrainer (tiny V3, 8 prompts x G=8)", ">= 3x", f"{r:.2f}x",
+        r >= 3)
   gen = _load("generate")
   if gen:
     for run in gen["runs"]:

@@ -43,6 +43,7 @@ from flax import nnx
 
 from deepseek_jax import grpo_loss, losses
 from deepseek_jax.config import DeepseekConfig
+from deepseek_jax.moe import RouterBias
 from deepseek_jax.sampling import SamplingParams, filter_logits
 from deepseek_jax.train_step import update_router_biases
 
@@ -124,6 +125,12 @@ def make_reference_fn(graphdef, sampling: SamplingParams, *, lora: bool, replay:
   return ref
 
 
+def router_bias_rows(rest) -> int:
+  """How many routers have a `RouterBias` in `rest` (stacked layers counted one by one)."""
+  leaves = jax.tree.leaves(rest, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  return sum(int(np.prod(v.shape[:-1])) for v in leaves if isinstance(v, RouterBias))
+
+
 def make_update(graphdef, tx: optax.GradientTransformation, cfg: DeepseekConfig,
                 sampling: SamplingParams, *, epsilon: float, epsilon_high: float | None,
                 beta: float, loss_type: str, max_len: int, replay: bool,
@@ -155,6 +162,10 @@ def make_update(graphdef, tx: optax.GradientTransformation, cfg: DeepseekConfig,
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     if has_bias and bias_update_speed:
+      # the MTP blocks' routers (last in router order) do not run in the learner's forward: zero
+      # counts leave their biases as they are
+      missing = router_bias_rows(rest) - counts.shape[0]
+      counts = jnp.concatenate([counts, jnp.zeros((missing, e), counts.dtype)])
       rest = update_router_biases(rest, counts, bias_update_speed)
     logs = {**terms._asdict(), "entropy": entropy, "grad_norm": grad_norm}
     return dict(state, params=params, rest=rest, opt_state=opt_state, step=state["step"]), logs
