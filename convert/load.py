@@ -24,6 +24,7 @@ from deepseek_jax.config import DeepseekConfig, read_config_json
 from deepseek_jax.convert import fp8, names
 from deepseek_jax.convert.safetensors_read import SafetensorsDir, TensorInfo
 from deepseek_jax.dtypes import FLOAT_NAMES as _FLOATS
+from deepseek_jax.dtypes import count_nonfinite
 from deepseek_jax.params import variable_specs
 
 log = logging.getLogger(__name__)
@@ -71,10 +72,15 @@ class HFCheckpoint:
 
   `config` defaults to the directory's `config.json`. When the config names MTP layers that the
   checkpoint does not hold, the config drops them (one warning), as `from_pretrained` does.
+  Every block read is checked for NaN and Inf (FP8 weights and their scales included; one
+  reduction per block): a non-finite value raises ValueError naming the tensor, unless
+  `allow_nonfinite`.
   """
 
-  def __init__(self, path: str | os.PathLike, config: DeepseekConfig | None = None):
+  def __init__(self, path: str | os.PathLike, config: DeepseekConfig | None = None, *,
+               allow_nonfinite: bool = False):
     self.path = os.fspath(path)
+    self.allow_nonfinite = allow_nonfinite
     if not os.path.isdir(self.path):
       raise FileNotFoundError(f"{self.path}: not a directory")
     raw = {}
@@ -152,17 +158,29 @@ class HFCheckpoint:
     return self.files.info(entry.hf[0]).dtype == "F8_E4M3"
 
   # ------------------------------------------------------------------ reading pieces
+  def _finite(self, name: str, values: np.ndarray) -> np.ndarray:
+    """`values` (read from tensor `name`) when all finite or allowed; else ValueError."""
+    if not self.allow_nonfinite:
+      bad = count_nonfinite(values)
+      if bad:
+        raise ValueError(
+            f"{self.files.info(name).file}: tensor {name!r} holds non-finite values ({bad} NaN "
+            f"or Inf among the {values.size} read), which give NaN logits. Refusing "
+            "(allow_nonfinite=True / --allow_nonfinite to convert it anyway)")
+    return values
+
   def _read_one(self, name: str, index: tuple[slice, ...], keep_fp8: bool,
                 out_dtype=None) -> np.ndarray:
-    """A block of one released tensor (its layout), FP8 dequantized unless kept, then cast to
-    `out_dtype` when given."""
+    """A block of one released tensor (its layout), checked finite, FP8 dequantized unless kept,
+    then cast to `out_dtype` when given."""
     t = self.files.info(name)
-    block = self.files.read(name, index)
-    if t.dtype == "F8_E4M3" and not keep_fp8:
-      scale = self.files.read(fp8.scale_name(name))
-      rows, cols = index
-      block = fp8.dequantize(block, scale, self.block, rows=(rows.start, rows.stop),
-                             cols=(cols.start, cols.stop))
+    block = self._finite(name, self.files.read(name, index))
+    if t.dtype == "F8_E4M3":
+      scale = self._finite(fp8.scale_name(name), self.files.read(fp8.scale_name(name)))
+      if not keep_fp8:
+        rows, cols = index
+        block = fp8.dequantize(block, scale, self.block, rows=(rows.start, rows.stop),
+                               cols=(cols.start, cols.stop))
     return block if out_dtype is None else block.astype(out_dtype, copy=False)
 
   def read_block(self, entry: names.Entry, hf_index: tuple[slice, ...], *,
@@ -187,7 +205,8 @@ class HFCheckpoint:
 
   def read_scales(self, entry: names.Entry) -> np.ndarray:
     """The entry's FP8 block scales in our layout (experts: [E, in_blocks, out_blocks])."""
-    scales = [self.files.read(fp8.scale_name(n)).astype(np.float32) for n in entry.hf]
+    scales = [self._finite(fp8.scale_name(n), self.files.read(fp8.scale_name(n)))
+              .astype(np.float32) for n in entry.hf]
     if entry.transform == names.EXPERTS:
       return np.stack([s.T for s in scales])
     return scales[0].T if entry.transform == names.TRANSPOSE else scales[0]
@@ -272,8 +291,8 @@ def _replicated_like(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
 
 def load_hf(path: str | os.PathLike, config: DeepseekConfig | None = None, *,
             targets: Targets | Callable[[DeepseekConfig], Targets] | None = None,
-            dtype=jnp.bfloat16, keep_fp8: bool = False, progress: Progress | None = None
-            ) -> tuple[DeepseekConfig, dict[str, jax.Array]]:
+            dtype=jnp.bfloat16, keep_fp8: bool = False, progress: Progress | None = None,
+            allow_nonfinite: bool = False) -> tuple[DeepseekConfig, dict[str, jax.Array]]:
   """(config, {our dotted path: jax.Array}) of a released-layout checkpoint directory.
 
   Args:
@@ -286,10 +305,11 @@ def load_hf(path: str | os.PathLike, config: DeepseekConfig | None = None, *,
     keep_fp8: FP8 weights stay float8_e4m3fn (our layout) with `<path>_scale_inv` float32 block
       scales beside them ([in_blocks, out_blocks], experts [E, in_blocks, out_blocks]).
     progress: called after each parameter with (path, bytes read).
+    allow_nonfinite: load NaN / Inf weights or FP8 scales instead of refusing them.
 
   The returned config has `num_nextn_predict_layers=0` when the checkpoint holds no MTP tensors.
   """
-  with HFCheckpoint(path, config) as ckpt:
+  with HFCheckpoint(path, config, allow_nonfinite=allow_nonfinite) as ckpt:
     if targets is None:
       targets = default_targets(ckpt.cfg, dtype)
     elif callable(targets):

@@ -5,8 +5,9 @@
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 
+from deepseek_jax import cli
 from deepseek_jax.convert.planner import format_plan, make_plan
 
 _CONFIG = flags.DEFINE_string("config", None, "A config.json (or the directory holding it).")
@@ -21,4 +22,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main, cpu_only=True)

@@ -52,20 +52,23 @@ class Plan:
   host_to_hf: int               # host memory orbax_to_hf needs
 
 
-def _raw_config(config: str | os.PathLike | Mapping[str, Any] | DeepseekConfig) -> dict:
+def _raw_config(config: str | os.PathLike | Mapping[str, Any] | DeepseekConfig
+                ) -> tuple[dict, str]:
+  """(the config.json dict, where it came from)."""
   if isinstance(config, DeepseekConfig):
-    return config.to_hf()
+    return config.to_hf(), "<DeepseekConfig>"
   if isinstance(config, Mapping):
-    return dict(config)
-  return read_config_json(config)[0]
+    return dict(config), "<dict>"
+  return read_config_json(config)
 
 
 def make_plan(config: str | os.PathLike | Mapping[str, Any] | DeepseekConfig, *,
               dtype: str = "bfloat16") -> Plan:
   """The plan for converting a checkpoint of `config` (a path, dict or DeepseekConfig)."""
   our_size = dtypes.from_name(dtype).itemsize
-  raw = _raw_config(config)
-  cfg = config if isinstance(config, DeepseekConfig) else DeepseekConfig.from_hf(raw)
+  raw, source = _raw_config(config)
+  cfg = config if isinstance(config, DeepseekConfig) else DeepseekConfig.from_hf(raw,
+                                                                                  _source=source)
   cfg = cfg.replace(scan_layers=False)
   block = fp8.block_size(raw)
   torch_dtype = str(raw.get("torch_dtype", raw.get("dtype", "bfloat16")))

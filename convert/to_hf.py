@@ -22,21 +22,20 @@ from deepseek_jax import checkpoint
 from deepseek_jax.config import DeepseekConfig
 from deepseek_jax.convert import fp8 as fp8_lib
 from deepseek_jax.convert import names
+from deepseek_jax.convert.atomic import check_apart
 from deepseek_jax.convert.safetensors_write import TensorSpec, write_sharded
-from deepseek_jax.dtypes import torch_dtype_name
+from deepseek_jax.dtypes import count_nonfinite, torch_dtype_name
 from deepseek_jax.metrics import progress_bar
 from deepseek_jax.params import to_unrolled
-
-# Files of a model directory that travel with its weights (the tokenizer and chat template).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json")
+from deepseek_jax.tokenizer import tokenizer_files
 
 
 class _Source:
   """Our parameters one at a time (partial Orbax reads of one of our checkpoints), or from a
   (config, {path: array}) pair already in memory (a model: `params.flat_state`)."""
 
-  def __init__(self, source):
+  def __init__(self, source, allow_nonfinite: bool = False):
+    self.allow_nonfinite = allow_nonfinite
     self._flat = None
     if isinstance(source, tuple):
       cfg, flat = source
@@ -60,41 +59,53 @@ class _Source:
     return np.dtype(self.meta[path].dtype)
 
   def get(self, path: str) -> np.ndarray:
-    """One parameter; the last two read stay cached (a weight and its FP8 scales)."""
+    """One parameter, checked finite unless allowed; the last two read stay cached (a weight and
+    its FP8 scales)."""
     if path not in self._cache:
       if len(self._cache) >= 2:
         del self._cache[next(iter(self._cache))]  # release before reading the next
       if self._flat is not None:
-        self._cache[path] = self._flat[path]
+        value = self._flat[path]
       else:
-        self._cache[path] = checkpoint.read_params_numpy(self.directory, [path])[path]
+        value = checkpoint.read_params_numpy(self.directory, [path])[path]
+      bad = 0 if self.allow_nonfinite else count_nonfinite(value)
+      if bad:
+        raise ValueError(f"{self.directory}: parameter {path!r} holds non-finite values ({bad} "
+                         f"NaN or Inf among {value.size}); refusing to export it "
+                         "(allow_nonfinite=True / --allow_nonfinite to export it anyway)")
+      self._cache[path] = value
     return self._cache[path]
 
 
 def export(source: str | os.PathLike | tuple[DeepseekConfig, dict], output_dir: str | os.PathLike,
            *, max_shard_size: str | int = "5GB", fp8: bool = False,
            block: tuple[int, int] = fp8_lib.DEFAULT_BLOCK, overwrite: bool = False,
-           show_progress: bool = False, copy_from: str | os.PathLike | None = None) -> list[str]:
+           show_progress: bool = False, copy_from: str | os.PathLike | None = None,
+           allow_nonfinite: bool = False) -> list[str]:
   """Writes the released layout of `source` (one of our checkpoints, or a (config, flat
-  parameters) pair) to `output_dir` (atomically); returns the shards. The tokenizer files of
-  `copy_from` (default: the checkpoint directory) are copied beside them."""
+  parameters) pair) to `output_dir` (atomically); returns the shards. The tokenizer's files
+  (`tokenizer.TOKENIZER_FILES`) of `copy_from` (default: the checkpoint directory) are copied
+  beside them. An `output_dir` that is, contains or lies inside the checkpoint or `copy_from` is
+  refused, and so are parameters holding NaN or Inf, named, unless `allow_nonfinite`."""
   if not isinstance(source, tuple):
     source = os.path.abspath(os.fspath(source))
     copy_from = source if copy_from is None else copy_from
-  src = _Source(source)
+  check_apart(output_dir, {"checkpoint_dir": source if isinstance(source, str) else None,
+                           "copy_from": copy_from})
+  src = _Source(source, allow_nonfinite)
   cfg = src.cfg
   entries = names.entries(cfg)
   for e in entries:
     src.dtype(e.ours)  # every parameter is there before anything is written
     shape = tuple(src.meta[e.ours].shape)
     if shape != e.shape:
-      raise ValueError(f"{checkpoint_dir}: parameter {e.ours!r} has shape {shape}, the config "
+      raise ValueError(f"{src.directory}: parameter {e.ours!r} has shape {shape}, the config "
                        f"needs {e.shape}")
   copies = names.mtp_copies(cfg) if cfg.num_nextn_predict_layers else []
   kept = {e.ours for e in entries if e.ours + fp8_lib.SCALE_SUFFIX in src.meta}
 
   specs: list[TensorSpec] = []
-  source: dict[str, tuple[names.Entry, int, str]] = {}  # hf name -> (entry, expert, kind)
+  origin: dict[str, tuple[names.Entry, int, str]] = {}  # hf name -> (entry, expert, kind)
   for e in entries + copies:
     dt = src.dtype(e.ours)
     for i, name in enumerate(e.hf):
@@ -103,11 +114,11 @@ def export(source: str | os.PathLike | tuple[DeepseekConfig, dict], output_dir: 
         specs.append(TensorSpec(name, fp8_lib.FP8, shape))
         specs.append(TensorSpec(fp8_lib.scale_name(name), np.dtype(np.float32),
                                 fp8_lib.scale_shape(shape, block)))
-        source[name] = (e, i, "fp8")
-        source[fp8_lib.scale_name(name)] = (e, i, "scale")
+        origin[name] = (e, i, "fp8")
+        origin[fp8_lib.scale_name(name)] = (e, i, "scale")
       else:
         specs.append(TensorSpec(name, dt, shape))
-        source[name] = (e, i, "plain")
+        origin[name] = (e, i, "plain")
 
   quantized: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -116,7 +127,7 @@ def export(source: str | os.PathLike | tuple[DeepseekConfig, dict], output_dir: 
     return value[i] if e.transform == names.EXPERTS else value
 
   def produce(spec: TensorSpec) -> np.ndarray:
-    e, i, kind = source[spec.name]
+    e, i, kind = origin[spec.name]
     if kind == "plain":
       return np.ascontiguousarray(_to_hf(e, hf_tensor(e, i))).astype(spec.dtype, copy=False)
     if e.ours in kept:  # FP8 kept since the import: written back as stored
@@ -136,12 +147,10 @@ def export(source: str | os.PathLike | tuple[DeepseekConfig, dict], output_dir: 
   hf_config["torch_dtype"] = torch_dtype_name(src.dtype("embed_tokens.embedding"))
   if fp8 or kept:
     hf_config["quantization_config"] = fp8_lib.quantization_config(block)
-  extra = {"config.json": json.dumps(hf_config, indent=2)}
-  for name in TOKENIZER_FILES if copy_from is not None else ():
-    path = os.path.join(os.fspath(copy_from), name)
-    if os.path.isfile(path):
-      with open(path, "rb") as f:
-        extra[name] = f.read()
+  extra: dict[str, str | bytes] = {"config.json": json.dumps(hf_config, indent=2)}
+  for name, path in (tokenizer_files(copy_from) if copy_from is not None else {}).items():
+    with open(path, "rb") as f:
+      extra[name] = f.read()
   with progress_bar(sum(s.nbytes for s in specs), enabled=show_progress, unit="B",
                     unit_scale=True, unit_divisor=1000, desc="orbax_to_hf") as bar:
     return write_sharded(output_dir, specs, produce, max_shard_size=max_shard_size,

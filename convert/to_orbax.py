@@ -16,21 +16,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax import checkpoint
+from deepseek_jax.convert.atomic import check_apart
 from deepseek_jax.convert.load import HFCheckpoint, default_targets, iter_hf
 from deepseek_jax.metrics import progress_bar
+from deepseek_jax.tokenizer import tokenizer_files
 # Orbax partial saves cost ~50 ms each: groups are at least this large (a constant, so memory
 # still does not grow with the model).
 MIN_GROUP_BYTES = 64 * 2**20
 
 
 def convert(hf_dir: str | os.PathLike, output_dir: str | os.PathLike, *, dtype=jnp.bfloat16,
-            overwrite: bool = False, keep_fp8: bool = False, show_progress: bool = False) -> str:
+            overwrite: bool = False, keep_fp8: bool = False, show_progress: bool = False,
+            allow_nonfinite: bool = False) -> str:
   """Writes our checkpoint of `hf_dir` to `output_dir` (atomically); returns its path.
 
   Parameters are saved in groups of max(largest parameter, MIN_GROUP_BYTES) bytes (target dtype),
-  one group written in the background while the next is read.
+  one group written in the background while the next is read. The tokenizer's files
+  (`tokenizer.TOKENIZER_FILES`) are copied along. An `output_dir` that is, contains
+  or lies inside `hf_dir` is refused, and so are NaN or Inf weights or FP8 scales, named,
+  unless `allow_nonfinite`.
   """
-  with HFCheckpoint(hf_dir) as ckpt:
+  check_apart(output_dir, {"hf_dir": hf_dir})
+  with HFCheckpoint(hf_dir, allow_nonfinite=allow_nonfinite) as ckpt:
     targets = default_targets(ckpt.cfg, dtype)
     largest = max(math.prod(t.shape) * np.dtype(t.dtype).itemsize for t in targets.values())
     total = sum(ckpt.source_bytes(e) for e in ckpt.entries)
@@ -39,4 +46,5 @@ def convert(hf_dir: str | os.PathLike, output_dir: str | os.PathLike, *, dtype=j
       params = iter_hf(ckpt, targets, keep_fp8=keep_fp8,
                        progress=lambda path, nbytes: bar.update(nbytes))
       return checkpoint.save_params(output_dir, ckpt.cfg, params, overwrite=overwrite,
-                                    group_bytes=max(largest, MIN_GROUP_BYTES), release=True)
+                                    group_bytes=max(largest, MIN_GROUP_BYTES), release=True,
+                                    copy_files=tokenizer_files(hf_dir))

@@ -67,7 +67,8 @@ def save_params(directory: str | os.PathLike, cfg: DeepseekConfig | None,
                 params: Mapping[str, Any] | Iterable[tuple[str, Any]], *, overwrite: bool = False,
                 group_bytes: int = _GROUP_BYTES, compress: bool = False,
                 on_saved: Callable[[dict[str, Any]], None] | None = None,
-                extra_files: Mapping[str, str] | None = None, release: bool = False) -> str:
+                extra_files: Mapping[str, str] | None = None,
+                copy_files: Mapping[str, str] | None = None, release: bool = False) -> str:
   """Writes `config.json` and the parameters (flat or nested dict, or an iterator of
   (dotted path, array) pairs consumed lazily) as one of our checkpoints; returns its path.
 
@@ -75,16 +76,16 @@ def save_params(directory: str | os.PathLike, cfg: DeepseekConfig | None,
   while the next is gathered, then released. `compress` turns on Orbax's zstd (weights hardly
   compress; off, saving is about 3x faster). Refuses a non-empty `directory` unless `overwrite`;
   on error nothing is left behind. `cfg` None writes no config.json (an adapter checkpoint);
-  `extra_files` (name -> text) are written beside, inside the same atomic commit. `release`
-  deletes each group's jax arrays once written (a streaming conversion, whose arrays are made
-  for the save alone).
+  `extra_files` (name -> text) are written beside, and `copy_files` ({name: source path}, e.g.
+  the tokenizer's files) copied beside, inside the same atomic commit. `release` deletes each
+  group's jax arrays once written (a streaming conversion, whose arrays are made for the save
+  alone).
   """
   directory = os.path.abspath(os.fspath(directory))
   if isinstance(params, Mapping):
     params = flatten(params).items()
-  opts = ocp.v1.options
-  ctx = ocp.v1.Context(array_options=opts.ArrayOptions(
-      saving=opts.ArrayOptions.Saving(use_compression=compress)))
+  ctx = ocp.v1.Context()
+  ctx.array.saving.use_compression = compress
   tmp = prepare_output(directory, overwrite)
   pending = None
 
@@ -103,6 +104,8 @@ def save_params(directory: str | os.PathLike, cfg: DeepseekConfig | None,
     for name, text in (extra_files or {}).items():
       with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
         f.write(text)
+    for name, source in (copy_files or {}).items():
+      shutil.copyfile(source, os.path.join(tmp, name))
     target = os.path.join(tmp, PARAMS_DIR)
     seen: set[str] = set()
     with ctx:

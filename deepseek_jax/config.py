@@ -3,9 +3,10 @@
 `DeepseekConfig` holds every architecture field of the released `config.json` files
 (`model_type` deepseek_v2 and deepseek_v3) under their Hugging Face names, plus runtime
 choices of ours (`RUNTIME_FIELDS`) that are never written to `config.json`: how the model runs
-(`moe_dispatch`, `mla_decode`, `remat`, `lora_alpha`), and how its variables are laid out
-(`LAYOUT_FIELDS`: `scan_layers`; LoRA adapters `lora_rank`/`lora_targets`; a frozen base stored in
-int8 or FP8, `weight_quant`). `read_config_json` is the one reader of `config.json` files.
+(`moe_dispatch`, `mla_decode`, `remat`, `lora_alpha`, `router_dtype`), and how its variables are
+laid out (`LAYOUT_FIELDS`: `scan_layers`; LoRA adapters `lora_rank`/`lora_targets`; a frozen base
+stored in int8 or FP8, `weight_quant`). `read_config_json` is the one reader of `config.json`
+files.
 
 Derived figures (parameter counts, KV-cache bytes, FLOPs per token) are computed from the fields,
 so presets can be checked against the published totals (671B/37B for V3, 15.7B/2.4B for V2-Lite).
@@ -15,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import json
 import logging
 import math
 import os
+import typing
 from typing import Any, Mapping
 
 log = logging.getLogger(__name__)
@@ -30,14 +33,26 @@ ROPE_TYPES = ("default", "yarn")
 MOE_DISPATCHES = ("auto", "dense", "ragged", "blocked", "pallas")
 MLA_DECODES = ("auto", "xla", "pallas")
 WEIGHT_QUANTS = ("none", "int8", "fp8")
+ROUTER_DTYPES = ("float32", "bfloat16")
 # Runtime fields that change the variables (their structure or storage), not only how they run.
 LAYOUT_FIELDS = ("scan_layers", "lora_rank", "lora_targets", "weight_quant")
-RUNTIME_FIELDS = ("moe_dispatch", "mla_decode", "remat", "lora_alpha", *LAYOUT_FIELDS)
+RUNTIME_FIELDS = ("moe_dispatch", "mla_decode", "remat", "lora_alpha", "router_dtype",
+                  *LAYOUT_FIELDS)
 # Where LoRA adapters go by default: every attention projection and every MLP / expert projection
 # (`name` patterns: "self_attn.q_a_proj", "mlp.gate_proj", "mlp.shared_experts.up_proj",
 # "mlp.experts" for the routed experts). The router ("mlp.gate") never gets one.
 LORA_TARGETS = ("self_attn.*", "mlp.*")
 MODEL_TYPES = ("deepseek_v2", "deepseek_v3")
+# Fields a config.json must give (the dataclass defaults are DeepSeek-V3's: a missing width would
+# silently plan a 7168-wide model). Null is a value (q_lora_rank, n_routed_experts).
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                   "qk_rope_head_dim", "v_head_dim", "n_routed_experts")
+REQUIRED_MOE_FIELDS = ("moe_intermediate_size", "num_experts_per_tok")
+REQUIRED_GROUP_FIELDS = ("n_group", "topk_group")  # unless topk_method is greedy
+# No model beyond this many parameters is plausible (DeepSeek-V3: 6.7e11): a larger config is a
+# typo (vocab_size 1e12) and is refused with its size before anything is planned or allocated.
+MAX_PARAMS = 10**13
 
 # Keys of released or transformers-written configs that carry no architecture information (or that
 # are read through another key): accepted silently.
@@ -110,16 +125,35 @@ class DeepseekConfig:
   lora_alpha: float = 16.0                # LoRA scale alpha / rank
   lora_targets: tuple[str, ...] = LORA_TARGETS  # fnmatch patterns of projection names
   weight_quant: str = "none"              # none | int8 (per channel) | fp8 (128x128 blocks)
+  router_dtype: str = "float32"           # float32 (transformers) | bfloat16 (DeepSeek's inference
+                                          # code: router and the routed experts' sum in bf16)
 
   def __post_init__(self):
     self.validate()
 
   # ------------------------------------------------------------------ validation
   def validate(self) -> None:
-    """Raises ValueError naming the first inconsistent field."""
+    """Raises ValueError naming the first field of the wrong type or value; then refuses a model
+    of more than MAX_PARAMS parameters, stating its size."""
     def need(cond: bool, field: str, what: str):
       if not cond:
         raise ValueError(f"DeepseekConfig.{field}={getattr(self, field)!r}: {what}")
+
+    for f, kinds in _field_kinds().items():
+      v = getattr(self, f)
+      if v is None and type(None) in kinds:
+        continue
+      if isinstance(v, bool) and bool not in kinds:  # JSON true is not the number 1
+        ok = False
+      else:
+        ok = isinstance(v, tuple(k for k in kinds if k is not type(None)))
+      if ok and isinstance(v, float) and not math.isfinite(v):
+        ok = False
+      if not ok:
+        want = " or ".join({int: "an integer", float: "a finite number", bool: "true or false",
+                            str: "a string", tuple: "a tuple", type(None): "null"}[k] for k in kinds
+                           if not (k is int and float in kinds))
+        raise ValueError(f"DeepseekConfig.{f}={v!r} ({type(v).__name__}): expected {want}")
 
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "kv_lora_rank", "qk_rope_head_dim", "v_head_dim",
@@ -144,6 +178,7 @@ class DeepseekConfig:
     need(isinstance(self.lora_targets, tuple) and all(isinstance(t, str) and t
                                                       for t in self.lora_targets),
          "lora_targets", "must be a tuple of name patterns")
+    need(self.router_dtype in ROUTER_DTYPES, "router_dtype", f"must be one of {ROUTER_DTYPES}")
     need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
     need(self.rope_theta > 0, "rope_theta", "must be positive")
     need(self.rope_factor > 0, "rope_factor", "must be positive")
@@ -171,6 +206,14 @@ class DeepseekConfig:
     if self.scan_layers and self.is_moe and self.moe_layer_freq != 1:
       raise ValueError("DeepseekConfig.scan_layers=True needs moe_layer_freq=1 "
                        f"(got {self.moe_layer_freq}): scanned layers must be identical")
+    n = self.num_params(include_mtp=True)
+    if n > MAX_PARAMS:
+      raise ValueError(
+          f"DeepseekConfig: {n:,} parameters ({n * 2 / 1e12:,.0f} TB in bfloat16) is beyond any "
+          f"plausible model (limit {MAX_PARAMS:.0e}; DeepSeek-V3 has 6.7e11): check vocab_size="
+          f"{self.vocab_size}, hidden_size={self.hidden_size}, num_hidden_layers="
+          f"{self.num_hidden_layers}, n_routed_experts={self.n_routed_experts}, "
+          f"moe_intermediate_size={self.moe_intermediate_size}")
 
   # ------------------------------------------------------------------ structure
   @property
@@ -288,12 +331,16 @@ class DeepseekConfig:
       for alias in ("num_local_experts", "num_experts"):
         if raw.get(alias) is not None:
           kw["n_routed_experts"] = raw[alias]
-    if raw["model_type"] == "deepseek_v2":
+    if raw["model_type"] == "deepseek_v2":  # transformers' DeepseekV2Config defaults
       kw.setdefault("scoring_func", "softmax")
       kw.setdefault("topk_method", "greedy")
       kw.setdefault("rope_interleave", True)
       kw.setdefault("first_k_dense_replace", 0)
       kw.setdefault("norm_topk_prob", False)
+      kw.setdefault("routed_scaling_factor", 1.0)
+      for k in ("n_group", "topk_group"):  # transformers writes null for "no groups"
+        if k in kw and kw[k] is None:
+          kw[k] = 1
     elif raw["model_type"] == "deepseek_v3":
       kw.setdefault("scoring_func", "sigmoid")
       kw.setdefault("topk_method", "noaux_tc")
@@ -309,9 +356,17 @@ class DeepseekConfig:
     if unknown:
       log.warning("%s: ignoring keys DeepseekConfig does not use: %s", source, ", ".join(unknown))
     kw.update(overrides)
+    missing = [f for f in REQUIRED_FIELDS if f not in kw]
+    if kw.get("n_routed_experts", True) is not None:
+      missing += [f for f in REQUIRED_MOE_FIELDS if f not in kw]
+      if kw.get("topk_method", "noaux_tc") != "greedy":
+        missing += [f for f in REQUIRED_GROUP_FIELDS if f not in kw]
+    if missing:
+      raise ValueError(f"{source}: missing required field(s) {', '.join(missing)} (the defaults "
+                       "are DeepSeek-V3's and would describe another model)")
     try:
       return cls(**kw)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
       raise ValueError(f"{source}: {e}") from e
 
   def to_hf(self) -> dict[str, Any]:
@@ -346,6 +401,18 @@ class DeepseekConfig:
     return path
 
 
+@functools.lru_cache(maxsize=None)
+def _field_kinds() -> dict[str, tuple[type, ...]]:
+  """{field: the Python types its annotation allows} (int | None -> (int, NoneType))."""
+  out = {}
+  for f, t in typing.get_type_hints(DeepseekConfig).items():
+    kinds = typing.get_args(t) if typing.get_origin(t) in (typing.Union, type(int | None)) else (t,)
+    kinds = tuple(typing.get_origin(k) or k for k in kinds)  # tuple[str, ...] -> tuple
+    # a float field takes JSON integers (rope_theta: 10000)
+    out[f] = tuple(kinds) + ((int,) if float in kinds else ())
+  return out
+
+
 def read_config_json(path: str | os.PathLike) -> tuple[dict[str, Any], str]:
   """(the JSON object, its file path) of a `config.json` file or of the directory holding one."""
   p = os.fspath(path)
@@ -373,6 +440,9 @@ def _read_rope(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
     raise ValueError(f"{source}: rope_scaling/rope_parameters must be an object, got {rs!r}")
   rs = dict(rs or {})
   theta = rs.get("rope_theta", raw.get("rope_theta"))
+  for name, v in (("rope_theta", theta), ("rope_scaling.factor", rs.get("factor"))):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+      raise ValueError(f"{source}: {name}={v!r} ({type(v).__name__}): expected a number")
   if theta is not None:
     out["rope_theta"] = float(theta)
   rtype = rs.get("rope_type", rs.get("type", "default"))

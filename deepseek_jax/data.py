@@ -22,12 +22,15 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 from typing import Sequence
 
 import numpy as np
 
 from deepseek_jax.tokenizer import Tokenizer
+
+log_ = logging.getLogger(__name__)
 
 DEFAULT_PATTERNS = ("*.py", "*.txt", "*.md")
 DEFAULT_EXCLUDE = ("__pycache__", ".*")  # directory names never entered
@@ -98,7 +101,8 @@ def build_token_file(files: Sequence[str], tokenizer: Tokenizer, cache_dir: str 
                      log=None) -> str:
   """Tokenizes `files` (each followed by eos) into `cache_dir/<key>.bin`; returns the meta path.
 
-  Reuses the cached file when the key matches. Undecodable bytes become U+FFFD.
+  Reuses the cached file when the key matches. Undecodable bytes become U+FFFD, with a warning
+  naming the files that are not valid UTF-8 (binary files named in --data, say).
   """
   cache_dir = os.fspath(cache_dir)
   os.makedirs(cache_dir, exist_ok=True)
@@ -110,10 +114,16 @@ def build_token_file(files: Sequence[str], tokenizer: Tokenizer, cache_dir: str 
   dtype = token_dtype(tokenizer.vocab_size)
   tmp_bin = f"{bin_path}.tmp{os.getpid()}"
   n_tokens = n_text = 0
+  not_utf8: list[str] = []
   with open(tmp_bin, "wb") as out:
     for f in files:
       with open(f, "rb") as fh:
-        text = fh.read().decode("utf-8", errors="replace")
+        raw = fh.read()
+      try:
+        text = raw.decode("utf-8")
+      except UnicodeDecodeError:
+        not_utf8.append(f)
+        text = raw.decode("utf-8", errors="replace")
       ids = tokenizer.encode(text)
       n_text += len(ids)
       if tokenizer.eos_id is not None:
@@ -123,13 +133,17 @@ def build_token_file(files: Sequence[str], tokenizer: Tokenizer, cache_dir: str 
         raise ValueError(f"{f}: token id out of range for {dtype}")
       out.write(arr.astype(dtype).tobytes())
       n_tokens += arr.size
+  if not_utf8:
+    log_.warning("%d of %d files are not valid UTF-8 (first: %s); their undecodable bytes were "
+                 "read as U+FFFD", len(not_utf8), len(files), not_utf8[0])
   if n_text == 0:
     os.remove(tmp_bin)
     raise ValueError(f"empty corpus: the {len(files)} file(s) starting with {files[0]} hold no text")
   os.replace(tmp_bin, bin_path)
   meta = {"version": _META_VERSION, "dtype": dtype.name, "num_tokens": n_tokens,
           "num_files": len(files), "tokenizer": tokenizer.fingerprint,
-          "vocab_size": tokenizer.vocab_size, "bin": os.path.basename(bin_path)}
+          "vocab_size": tokenizer.vocab_size, "bin": os.path.basename(bin_path),
+          "not_utf8_files": len(not_utf8)}
   tmp_meta = f"{meta_path}.tmp{os.getpid()}"
   with open(tmp_meta, "w", encoding="utf-8") as fh:
     json.dump(meta, fh, indent=1)
@@ -155,9 +169,13 @@ def load_tokens(meta_path: str | os.PathLike) -> np.ndarray:
 
 
 class PackedDataset:
-  """Consecutive windows of seq_len + 1 tokens (inputs and shifted targets) over a token array."""
+  """Consecutive windows of seq_len + 1 tokens (inputs and shifted targets) over a token array.
 
-  def __init__(self, tokens: np.ndarray, seq_len: int, *, source: str = "corpus"):
+  `key` identifies the corpus and tokenizer (`corpus_key`; None when unknown): a resumed run
+  compares it with its checkpoint's."""
+
+  def __init__(self, tokens: np.ndarray, seq_len: int, *, source: str = "corpus",
+               key: str | None = None):
     if seq_len < 1:
       raise ValueError(f"--seq_len={seq_len}: must be >= 1")
     if tokens.size == 0:
@@ -167,6 +185,7 @@ class PackedDataset:
                        f"{tokens.size} tokens, a sequence needs seq_len + 1 = {seq_len + 1}")
     self.tokens = tokens
     self.seq_len = seq_len
+    self.key = key
     self.num_sequences = (tokens.size - 1) // seq_len
 
   def __len__(self) -> int:
@@ -238,5 +257,6 @@ def make_dataset(data: str | Sequence[str], tokenizer: Tokenizer, seq_len: int, 
   files = list_files(data, patterns=patterns, exclude=exclude, max_bytes=max_bytes)
   meta = build_token_file(files, tokenizer, cache_dir, log=log)
   source = data if isinstance(data, str) else ",".join(map(str, data))
-  return PackedDataset(load_tokens(meta), seq_len, source=f"--data={source}")
+  return PackedDataset(load_tokens(meta), seq_len, source=f"--data={source}",
+                       key=corpus_key(files, tokenizer))
 

@@ -20,9 +20,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import app, flags
 
-from deepseek_jax import metrics
+from deepseek_jax import cli, metrics
 from deepseek_jax.generation import generate
 from deepseek_jax.presets import get_preset
 from deepseek_jax.pretrained import from_pretrained
@@ -45,13 +45,18 @@ DEMO_CONFIG = get_preset("tiny_v3").replace(
     num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1,
     rope_type="default", max_position_embeddings=512)
 
-flags.DEFINE_integer("steps", 600, "Training steps (about 3 minutes on 2 CPU cores).")
-flags.DEFINE_integer("seq_len", 128, "Bytes per training sequence.")
-flags.DEFINE_integer("batch_per_device", 16, "Sequences per step on each device.")
-flags.DEFINE_integer("max_corpus_mb", 4, "Cap on the corpus size (MB of source).")
-flags.DEFINE_integer("new_tokens", 160, "Bytes to generate after the prompt.")
+flags.DEFINE_integer("steps", 600, "Training steps (about 3 minutes on 2 CPU cores).",
+                     lower_bound=1)
+flags.DEFINE_integer("seq_len", 128, "Bytes per training sequence.", lower_bound=1)
+flags.DEFINE_integer("batch_per_device", 16, "Sequences per step on each device.",
+                     lower_bound=1)
+flags.DEFINE_integer("max_corpus_mb", 4, "Cap on the corpus size (MB of source).",
+                     lower_bound=1)
+flags.DEFINE_integer("new_tokens", 160, "Bytes to generate after the prompt.",
+                     lower_bound=1)
 flags.DEFINE_string("workdir", os.path.join(tempfile.gettempdir(), "deepseek_jax_demo"),
-                    "Where the checkpoint, metrics.jsonl and data cache go (emptied first).")
+                    "Where the checkpoint, metrics.jsonl and data cache go: a new or empty "
+                    "directory, or an earlier demo's (emptied first).")
 FLAGS = flags.FLAGS
 
 
@@ -59,13 +64,32 @@ def stdlib_dir() -> str:
   return sysconfig.get_paths()["stdlib"]
 
 
+# What a demo run writes in its workdir: the only entries the demo removes when it starts again.
+DEMO_ENTRIES = frozenset({"config.json", "checkpoints", "metrics.jsonl", "tensorboard", "data",
+                          "byte_tokenizer.json"})
+
+
+def clear_workdir(workdir: str) -> None:
+  """Empties an earlier demo's workdir; refuses (ValueError) one holding anything else."""
+  if not os.path.exists(workdir):
+    return
+  if not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir}: exists and is not a directory")
+  foreign = sorted(set(os.listdir(workdir)) - DEMO_ENTRIES)
+  if foreign:
+    raise ValueError(f"--workdir={workdir} holds {len(foreign)} entries a demo run does not write "
+                     f"(first: {foreign[0]!r}); the demo empties its workdir, so give it a new or "
+                     "empty directory, or an earlier demo's")
+  shutil.rmtree(workdir)
+
+
 def run_demo(workdir: str, *, steps: int = 600, seq_len: int = 128, batch_per_device: int = 16,
              max_corpus_mb: int = 4, new_tokens: int = 160) -> dict:
-  """Trains the demo model in `workdir` (emptied first), prints losses and a completion."""
+  """Trains the demo model in `workdir` (an earlier demo's is emptied first; any other non-empty
+  directory is refused), prints losses and a completion."""
 
   workdir = os.path.abspath(workdir)
-  if os.path.isdir(workdir):
-    shutil.rmtree(workdir)
+  clear_workdir(workdir)
   os.makedirs(workdir)
   config_path = DEMO_CONFIG.save(workdir)
   n_dev = jax.local_device_count()
@@ -90,7 +114,9 @@ def run_demo(workdir: str, *, steps: int = 600, seq_len: int = 128, batch_per_de
   print(f"loss at the start: {first['loss']:.3f} (step {first['step']}); at the end: "
         f"{last['loss']:.3f} (step {last['step']}); MTP loss {first['mtp_loss']:.3f} -> "
         f"{last['mtp_loss']:.3f}; expert-load CV {last.get('load_cv_mean', float('nan')):.2f}")
-  print(f"checkpoint: {os.path.join(workdir, 'checkpoints', str(last['step']))}")
+  print(f"checkpoint: {os.path.join(workdir, 'checkpoints', str(last['step']))}\n"
+        f"generate from it: python -m deepseek_jax.generate_text --model_dir={workdir} "
+        f"--prompt='{PROMPT}' --temperature=0.7 --top_k=20")
 
   model = from_pretrained(workdir, dtype=jnp.float32)  # read back from the checkpoint
   tok = ByteTokenizer()
@@ -106,12 +132,10 @@ def run_demo(workdir: str, *, steps: int = 600, seq_len: int = 128, batch_per_de
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
   run_demo(FLAGS.workdir, steps=FLAGS.steps, seq_len=FLAGS.seq_len,
            batch_per_device=FLAGS.batch_per_device, max_corpus_mb=FLAGS.max_corpus_mb,
            new_tokens=FLAGS.new_tokens)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -26,6 +26,12 @@ FLOAT_NAMES = ("F64", "F32", "F16", "BF16")  # safetensors float dtypes read as 
 FP8 = np.dtype(ml_dtypes.float8_e4m3fn)
 
 
+def count_nonfinite(a) -> int:
+  """NaN and ±Inf entries of a float array (float8 and bfloat16 included); one pass over it."""
+  finite = np.isfinite(np.asarray(a))
+  return 0 if finite.all() else int(finite.size - np.count_nonzero(finite))
+
+
 def from_name(name: str, what: str = "dtype") -> np.dtype:
   """The numpy dtype of a name in BY_NAME; ValueError naming `what` (e.g. a flag) otherwise."""
   if name not in BY_NAME:

@@ -13,9 +13,11 @@ chat template (`tokenizer_config.json`'s, else DeepSeek-V3's) and a generation p
 `--mesh` (axis sizes as in `python -m deepseek_jax.sharding.plan`, e.g. `fsdp=2,expert=-1`)
 loads every parameter straight into its shards over the local devices and generates on that mesh.
 `--model_dir` is anything `from_pretrained` reads: a released-layout safetensors directory, an
-Orbax checkpoint of ours, or a trainer workdir. Text is tokenized with the directory's
-tokenizer.json when there is one, else with the built-in byte tokenizer. The decode loop runs in chunks of `--chunk` steps (one compiled
-program, reused); the text is printed after each chunk. Prefill and decode tokens/s are printed
+Orbax checkpoint of ours, or a trainer workdir. Text is tokenized with the tokenizer the directory
+carries (its tokenizer.json, or the byte tokenizer's marker a trainer workdir holds), or with
+`--tokenizer`; a model with a real vocabulary and no tokenizer is refused, not decoded as bytes.
+The decode loop runs in chunks of `--chunk` steps (one compiled program, reused); the text is
+printed after each chunk. Prefill and decode tokens/s are printed
 at the end (after a warm-up that compiles both programs, unless --nowarmup).
 (The module is not named `generate`: that is the function `deepseek_jax.generate`.)
 """
@@ -29,25 +31,31 @@ import time
 import jax
 from absl import app, flags
 
-from deepseek_jax import chat, generation, sharding
+from deepseek_jax import chat, cli, generation, sharding
+from deepseek_jax.config import ROUTER_DTYPES
 from deepseek_jax.dtypes import BY_NAME
 from deepseek_jax.pretrained import from_pretrained
-from deepseek_jax.tokenizer import tokenizer_for_model
+from deepseek_jax.tokenizer import load_tokenizer, tokenizer_for_model
 
 _MODEL_DIR = flags.DEFINE_string("model_dir", None, "Safetensors directory, Orbax checkpoint or "
                                   "trainer workdir.")
 _PROMPT = flags.DEFINE_multi_string("prompt", None, "Prompt text; repeat the flag for a batch.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt (>= 1).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy (argmax).")
-_TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens.")
-_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling probability mass.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.",
+                                lower_bound=1)
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy (argmax).", lower_bound=0.0)
+_TOP_K = flags.DEFINE_integer("top_k", None, "Sample among the k most likely tokens.",
+                              lower_bound=1)
+_TOP_P = flags.DEFINE_float("top_p", None, "Nucleus sampling probability mass, in (0, 1].",
+                            upper_bound=1.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _ABSORB = flags.DEFINE_enum("absorb", "auto", ["auto", "true", "false"],
                             "MLA path: auto (absorbed decode, prefill by length) or forced.")
 _SPECULATIVE = flags.DEFINE_bool("speculative", False,
                                  "Greedy self-speculative decoding with the MTP head.")
-_CHUNK = flags.DEFINE_integer("chunk", 16, "Decode loop steps per streamed call.")
-_MAX_LEN = flags.DEFINE_integer("max_len", None, "Cache length (default: bucketed prompt + new).")
+_CHUNK = flags.DEFINE_integer("chunk", 16, "Decode loop steps per streamed call.",
+                              lower_bound=1)
+_MAX_LEN = flags.DEFINE_integer("max_len", None, "Cache length (default: bucketed prompt + new).",
+                                lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", list(BY_NAME), "Compute and storage dtype.")
 _BOS = flags.DEFINE_bool("bos", True, "Prepend the tokenizer's bos token when it has one.")
 _MESH = flags.DEFINE_string("mesh", None, "Shard over the devices: axis sizes such as "
@@ -58,6 +66,11 @@ _CHAT = flags.DEFINE_bool("chat", False, "Each --prompt is a user message under 
 _SYSTEM = flags.DEFINE_string("system", None, "System message for --chat.")
 _THINK = flags.DEFINE_enum("think", "show", ["show", "strip"],
                            "R1-style <think>...</think>: show it, or strip it (answer only).")
+_ROUTER_DTYPE = flags.DEFINE_enum("router_dtype", None, list(ROUTER_DTYPES),
+                                  "Router precision (default: the config's, float32); bfloat16 is "
+                                  "DeepSeek's own inference code's router and expert sum.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "'byte', a tokenizer.json or a directory "
+                                 "holding one (default: the one --model_dir carries).")
 
 
 def _settle(text: str) -> str:
@@ -144,8 +157,10 @@ def main(argv):
       mesh = sharding.make_mesh(**sharding.parse_mesh(_MESH.value))
     except ValueError as e:
       raise app.UsageError(f"--mesh={_MESH.value}: {e}") from e
-  model = from_pretrained(_MODEL_DIR.value, dtype=dtype, mesh=mesh)
-  tokenizer = tokenizer_for_model(_MODEL_DIR.value)
+  runtime = {"router_dtype": _ROUTER_DTYPE.value} if _ROUTER_DTYPE.value else {}
+  model = from_pretrained(_MODEL_DIR.value, dtype=dtype, mesh=mesh, **runtime)
+  tokenizer = (load_tokenizer(_TOKENIZER.value) if _TOKENIZER.value
+               else tokenizer_for_model(_MODEL_DIR.value, model.cfg.vocab_size))
   template = (chat.ChatTemplate(chat.read_template(_MODEL_DIR.value), tokenizer)
               if _CHAT.value else None)
   absorb = {"auto": None, "true": True, "false": False}[_ABSORB.value]
@@ -158,4 +173,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

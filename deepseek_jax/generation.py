@@ -348,6 +348,8 @@ class Generation:
     if self.carry is None:
       self.prefill()
     steps = self.max_new if steps is None else steps
+    if not isinstance(steps, (int, np.integer)) or steps < 1:  # 0 steps: a caller looping
+      raise ValueError(f"decode: steps must be an integer >= 1, got {steps!r}")  # forever
     self.carry = _decode(self.graphdef, self.state, self.carry, jnp.int32(steps),
                          *self._scalars(), st=self.static)
     jax.block_until_ready(self.carry.count)

@@ -47,15 +47,16 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def truncate_jsonl(path: str, last_step: int) -> None:
-  """Keeps the records with step <= last_step (a resumed run rewrites the steps after its
-  checkpoint); written atomically."""
+  """Keeps the records with step <= last_step, each step once (its last record) and in step
+  order: a run resumed from the checkpoint of `last_step` (0: none was committed) writes the
+  steps after it again. Written atomically."""
   if not os.path.isfile(path):
     return
-  keep = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+  by_step = {r.get("step", 0): r for r in read_jsonl(path) if r.get("step", 0) <= last_step}
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w", encoding="utf-8") as f:
-    for r in keep:
-      f.write(json.dumps(r, allow_nan=True) + "\n")
+    for step in sorted(by_step):
+      f.write(json.dumps(by_step[step], allow_nan=True) + "\n")
   os.replace(tmp, path)
 
 

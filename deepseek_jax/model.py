@@ -28,6 +28,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from deepseek_jax.attention import LayerCache, MLAttention, init_layer_cache
@@ -49,6 +50,42 @@ class ModelOutput(NamedTuple):
   mtp_logits: tuple[jax.Array, ...]    # per depth k: [B, T, V] float32, position t predicts x_{t+k+1}
   router: tuple[RouterOutput, ...]     # per MoE layer in layer order, then the MTP blocks'
   cache: Cache | None = None           # the updated cache when one was passed in
+
+
+def check_input_ids(input_ids, vocab_size: int) -> jax.Array:
+  """input_ids as a jax array after checks that name what is wrong (ValueError).
+
+  Always (static): a 2-D [batch, length] integer array (or nested list) with batch and length >= 1.
+  Outside jit, every id must lie in [0, vocab_size): an id >= vocab_size would make its row's
+  logits NaN, and a negative id would silently read the last embedding. Under jit (a traced
+  array) the values are unknown and are not checked: callers that jit the model (generation,
+  training) check their token ids on the host first.
+  """
+  if isinstance(input_ids, (list, tuple)):
+    try:
+      input_ids = np.asarray(input_ids)
+    except ValueError as e:  # ragged nested lists
+      raise ValueError(f"input_ids: not a rectangular [batch, length] array of ids ({e})") from None
+  shape = tuple(np.shape(input_ids))
+  if len(shape) != 2:
+    hint = " (one sequence: wrap it as [ids])" if len(shape) == 1 else ""
+    raise ValueError(f"input_ids: expected shape [batch, length], got {shape}{hint}")
+  if 0 in shape:
+    raise ValueError(f"input_ids: shape {shape} is empty; batch and length must be >= 1")
+  if not hasattr(input_ids, "dtype"):
+    input_ids = np.asarray(input_ids)
+  dtype = np.dtype(input_ids.dtype)
+  if not np.issubdtype(dtype, np.integer):
+    raise ValueError(f"input_ids: expected integer token ids, got dtype {dtype}")
+  if not isinstance(input_ids, jax.core.Tracer):  # concrete, even when closed over by a jit
+    with jax.ensure_compile_time_eval():
+      lo, hi = int(jnp.min(input_ids)), int(jnp.max(input_ids))
+    if lo < 0 or hi >= vocab_size:
+      ids = np.asarray(input_ids)
+      b, t = (int(i) for i in np.argwhere((ids < 0) | (ids >= vocab_size))[0])
+      raise ValueError(f"input_ids[{b}, {t}] = {ids[b, t]} is outside the vocabulary "
+                       f"[0, {vocab_size})")
+  return jnp.asarray(input_ids)
 
 
 class DecoderLayer(nnx.Module):
@@ -231,7 +268,9 @@ class DeepseekForCausalLM(nnx.Module):
     positions and the updated cache is returned. `routing` (routing replay, for RL): one int
     topk_idx [B, T, K] per MoE decoder layer in layer order (as `ModelOutput.router` lists
     them), the experts each token uses instead of the router's choice; the weights still come
-    from the router (`moe.route`). The MTP blocks always route themselves."""
+    from the router (`moe.route`). The MTP blocks always route themselves. Ids are checked by
+    `check_input_ids` (their values only outside jit)."""
+    input_ids = check_input_ids(input_ids, self.cfg.vocab_size)
     b, t = input_ids.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -272,7 +311,8 @@ def _graphdef(cfg: DeepseekConfig, dtype, param_dtype):
 
 def replace_config(model: DeepseekForCausalLM, **runtime) -> DeepseekForCausalLM:
   """A model over the same arrays (not copied) whose config has other runtime fields
-  (`moe_dispatch`, `mla_decode`, `remat`); the given model is left as it is."""
+  (`moe_dispatch`, `mla_decode`, `remat`, `lora_alpha`, `router_dtype`); the given model is left
+  as it is."""
   allowed = set(RUNTIME_FIELDS) - set(LAYOUT_FIELDS)
   bad = sorted(set(runtime) - allowed)
   if bad:

@@ -32,14 +32,20 @@ _TINY = dict(
     num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, rope_factor=4.0,
     original_max_position_embeddings=64, max_position_embeddings=256, bos_token_id=0,
     eos_token_id=1)
+# Group-limited routing that can go wrong visibly (as in the releases: V2 160 experts in 8 groups,
+# top-3 groups, top-6): 4 experts per group, so a group's top-2 sum differs from its sum and from
+# its best expert, and top-k larger than topk_group, so the k experts come from several groups
+# but not from all of them.
+_TINY_GROUPS = dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
 
-_TINY_V3 = _V3.replace(**_TINY, n_shared_experts=1, mscale=1.0, mscale_all_dim=1.0,
-                       num_nextn_predict_layers=1)
+# mscale != mscale_all_dim: the cos/sin attention factor differs from 1 (the releases keep it 1).
+_TINY_V3 = _V3.replace(**{**_TINY, **_TINY_GROUPS}, n_shared_experts=1, mscale=1.0,
+                       mscale_all_dim=0.707, num_nextn_predict_layers=1)
 
-_TINY_V2 = _V2.replace(**_TINY, n_shared_experts=2, routed_scaling_factor=2.0)
+_TINY_V2 = _V2.replace(**{**_TINY, **_TINY_GROUPS}, n_shared_experts=2, routed_scaling_factor=2.0)
 
-_TINY_V2_LITE = _TINY_V2.replace(
-    q_lora_rank=None, n_group=1, topk_group=1, topk_method="greedy", routed_scaling_factor=1.0)
+_TINY_V2_LITE = _V2.replace(**{**_TINY, "q_lora_rank": None, "n_group": 1, "topk_group": 1},
+                            n_shared_experts=2, topk_method="greedy", routed_scaling_factor=1.0)
 
 PRESETS: dict[str, DeepseekConfig] = {
     "deepseek_v3": _V3,

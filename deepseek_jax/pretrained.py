@@ -98,17 +98,17 @@ def _quantized(items: Iterable[tuple[str, Any]], specs, mode: str) -> Iterator[t
       yield from quant.quantize_flat({path: v}, specs, mode).items()
 
 
-def _read(path: str, layout: str, cfg: DeepseekConfig, param_dtype, mesh, rules
-          ) -> tuple[DeepseekConfig, dict[str, Any]]:
+def _read(path: str, layout: str, cfg: DeepseekConfig, param_dtype, mesh, rules,
+          allow_nonfinite: bool) -> tuple[DeepseekConfig, dict[str, Any]]:
   """(config, values) of a model checkpoint in the layout it was stored in, quantized as
-  `cfg.weight_quant` says."""
+  `cfg.weight_quant` says (released weights checked finite unless `allow_nonfinite`)."""
   mode = cfg.weight_quant
   float_cfg = cfg.replace(weight_quant="none")
   scanned_from = cfg.scan_layers if layout == WORKDIR else False
   targets = _targets(float_cfg, param_dtype, mesh, rules, scanned_from)
   qspecs = variable_specs(cfg, param_dtype=param_dtype, scanned=scanned_from)
   if layout == SAFETENSORS:
-    with HFCheckpoint(path, float_cfg) as ckpt:
+    with HFCheckpoint(path, float_cfg, allow_nonfinite=allow_nonfinite) as ckpt:
       float_cfg = ckpt.cfg  # without MTP layers when the checkpoint holds none
       targets = _targets(float_cfg, param_dtype, mesh, rules, False)
       items = iter_hf(ckpt, targets, keep_fp8=mode == "fp8")
@@ -132,12 +132,13 @@ def _place(cfg: DeepseekConfig, flat, mesh, rules):
   return {p: jax.device_put(v, table[p]) for p, v in flat.items()}
 
 
-def _lora_workdir(path: str, meta: dict, *, dtype, param_dtype, mesh, rules, overrides
-                  ) -> DeepseekForCausalLM:
+def _lora_workdir(path: str, meta: dict, *, dtype, param_dtype, mesh, rules, allow_nonfinite,
+                  overrides) -> DeepseekForCausalLM:
   """A LoRA run's workdir: its base (`init_from`, stored as the run stored it) with the run's
   adapters and router biases, merged."""
   base = from_pretrained(meta["init_from"], dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                         rules=rules, weight_quant=meta.get("weight_quant", "none"), **overrides)
+                         rules=rules, allow_nonfinite=allow_nonfinite,
+                         weight_quant=meta.get("weight_quant", "none"), **overrides)
   fields = adapters.lora_fields(**{k[len("lora_"):]: v for k, v in meta["lora"].items()})
   cfg = base.cfg.replace(**fields)
   saved_cfg = cfg.replace(scan_layers=bool(meta.get("scan_layers")))
@@ -153,14 +154,16 @@ def _lora_workdir(path: str, meta: dict, *, dtype, param_dtype, mesh, rules, ove
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=None, mesh=None,
-                    rules=None, **config_overrides) -> DeepseekForCausalLM:
+                    rules=None, allow_nonfinite: bool = False,
+                    **config_overrides) -> DeepseekForCausalLM:
   """The model stored in `path`.
 
   `path` is a released-layout directory (`config.json` plus `model.safetensors` or shards with
   `model.safetensors.index.json`; FP8 block-scaled weights are dequantized), an Orbax checkpoint
   of ours (`python -m deepseek_jax.convert.hf_to_orbax`), a trainer workdir (its latest step; a
-  LoRA fine-tune comes back with its adapters merged), or an adapter checkpoint
-  (`adapters.save_adapters`; merged into the base it names).
+  step's directory `<workdir>/checkpoints/<step>` reads that step; a LoRA fine-tune comes back
+  with its adapters merged), or an adapter checkpoint (`adapters.save_adapters`; merged into the
+  base it names).
 
   `dtype` is the compute dtype and, unless `param_dtype` says otherwise, the storage dtype.
   `mesh` (a `jax.sharding.Mesh` with axes data/fsdp/expert/tensor, see `sharding.make_mesh`)
@@ -168,6 +171,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
   reads only its own shard, so no host ever holds the whole model. Where the checkpoint's layer
   layout differs from the requested one (`scan_layers`), layers are stacked or unstacked on the
   mesh after reading (transiently twice the layer weights).
+  Released weights or FP8 scales holding NaN or Inf are refused (ValueError naming the tensor)
+  unless `allow_nonfinite`.
   `config_overrides` replace config fields (e.g. `moe_dispatch="dense"`, `scan_layers=True`);
   `weight_quant="int8"|"fp8"` stores the frozen weights quantized (an FP8 release's weights kept
   as released), quantized one tensor at a time as they are read; `lora_rank=r` (with
@@ -177,7 +182,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
   layout = checkpoint_layout(path)
   param_dtype = param_dtype or dtype
   lora = {k: config_overrides.pop(k) for k in LORA_FIELDS if k in config_overrides}
-  kw = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules)
+  kw = dict(dtype=dtype, param_dtype=param_dtype, mesh=mesh, rules=rules,
+            allow_nonfinite=allow_nonfinite)
   if layout == ADAPTERS:
     meta = adapters.read_adapter_config(path)
     if not meta.get("base_model_path"):
@@ -191,7 +197,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype=jnp.bfloat16, param_dtype=
     stored = read_model_config(path)
     requested = stored.replace(**config_overrides) if config_overrides else stored
     read_cfg = requested.replace(scan_layers=stored.scan_layers if layout == WORKDIR else False)
-    read_cfg, flat = _read(path, layout, read_cfg, param_dtype, mesh, rules)
+    read_cfg, flat = _read(path, layout, read_cfg, param_dtype, mesh, rules, allow_nonfinite)
     cfg = requested.replace(num_nextn_predict_layers=read_cfg.num_nextn_predict_layers)
     flat = _relayout(cfg, flat, read_cfg.scan_layers,
                      _targets(cfg, param_dtype, mesh, rules, cfg.scan_layers))

@@ -13,6 +13,13 @@ Byte tokenizer ids (chosen so that every tiny preset, whose vocab_size is 512, c
   vocab_size = 259 (a model's embedding may be larger; the extra rows are simply never used).
 Both tokenizers give their special tokens as text too (`bos_token`, `eos_token`), for chat
 templates.
+
+A model directory carries its tokenizer: the release's files (`TOKENIZER_FILES`: tokenizer.json,
+tokenizer_config.json with the chat template, ...) or, for the byte tokenizer, the small marker
+`byte_tokenizer.json`. The converters copy them through and the trainer writes its own into the
+workdir (`save_tokenizer`), so `tokenizer_for_model` finds the right one; a model whose vocabulary
+is larger than the byte tokenizer's and that carries no tokenizer is refused, never decoded as
+bytes.
 """
 
 from __future__ import annotations
@@ -20,7 +27,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from typing import Protocol, Sequence
+
+BYTE_TOKENIZER_FILE = "byte_tokenizer.json"
+# Files of a tokenizer that travel with a model (present ones only): Hugging Face's and our marker.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "chat_template.json", "tokenizer.model",
+                   BYTE_TOKENIZER_FILE)
 
 
 class Tokenizer(Protocol):
@@ -159,8 +173,45 @@ def load_tokenizer(path_or_name: str | os.PathLike) -> ByteTokenizer | HFTokeniz
       f"--tokenizer={name!r}: expected 'byte', a tokenizer.json file or a directory holding one")
 
 
-def tokenizer_for_model(model_dir: str | os.PathLike) -> ByteTokenizer | HFTokenizer:
-  """The model directory's tokenizer.json when there is one, else the built-in byte tokenizer."""
-  if os.path.isfile(os.path.join(os.fspath(model_dir), "tokenizer.json")):
-    return load_tokenizer(model_dir)
-  return ByteTokenizer()
+def tokenizer_files(directory: str | os.PathLike) -> dict[str, str]:
+  """{file name: path} of the `TOKENIZER_FILES` present in `directory`."""
+  d = os.fspath(directory)
+  return {n: os.path.join(d, n) for n in TOKENIZER_FILES if os.path.isfile(os.path.join(d, n))}
+
+
+def save_tokenizer(tokenizer: ByteTokenizer | HFTokenizer, directory: str | os.PathLike) -> None:
+  """Records `tokenizer` in a model directory: the byte marker, or the files beside a
+  tokenizer.json (copied)."""
+  d = os.fspath(directory)
+  os.makedirs(d, exist_ok=True)
+  if isinstance(tokenizer, ByteTokenizer):
+    tmp = os.path.join(d, f".{BYTE_TOKENIZER_FILE}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump({"tokenizer": "deepseek_jax.tokenizer.ByteTokenizer",
+                 "fingerprint": tokenizer.fingerprint}, f)
+    os.replace(tmp, os.path.join(d, BYTE_TOKENIZER_FILE))
+    return
+  for name, path in tokenizer_files(os.path.dirname(tokenizer.path)).items():
+    if name != BYTE_TOKENIZER_FILE and os.path.realpath(path) != os.path.realpath(
+        os.path.join(d, name)):
+      shutil.copyfile(path, os.path.join(d, name))
+
+
+def tokenizer_for_model(model_dir: str | os.PathLike, vocab_size: int | None = None
+                        ) -> ByteTokenizer | HFTokenizer:
+  """The tokenizer a model directory carries: its tokenizer.json, or the byte tokenizer when it
+  holds the byte marker or when the model's `vocab_size` fits the byte tokenizer's 259 ids.
+
+  Raises FileNotFoundError otherwise: decoding a real vocabulary as bytes prints nonsense."""
+  d = os.fspath(model_dir)
+  if os.path.isfile(os.path.join(d, "tokenizer.json")):
+    return load_tokenizer(d)
+  if os.path.isfile(os.path.join(d, BYTE_TOKENIZER_FILE)) or (
+      vocab_size is not None and vocab_size <= ByteTokenizer.vocab_size):
+    return ByteTokenizer()
+  size = "its size is unknown" if vocab_size is None else f"it has {vocab_size} ids"
+  raise FileNotFoundError(
+      f"{d}: no tokenizer.json (nor {BYTE_TOKENIZER_FILE}) there, and the model's vocabulary is "
+      f"not the byte tokenizer's ({size}, more than {ByteTokenizer.vocab_size}): copy the "
+      "release's tokenizer files (tokenizer.json, tokenizer_config.json) into it, or name a "
+      "tokenizer (generate_text --tokenizer=PATH, or --tokenizer=byte)")

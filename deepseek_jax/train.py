@@ -7,8 +7,9 @@ cannot drift apart); the logic lives in `deepseek_jax.trainer.train`.
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import app, flags
 
+from deepseek_jax import cli
 from deepseek_jax.train_config import flag_specs, from_flag_values
 from deepseek_jax.trainer import train
 
@@ -18,6 +19,10 @@ for _spec in flag_specs():
   if _spec.kind == "enum":
     flags.DEFINE_enum(_spec.name, _spec.default, list(_spec.choices), _spec.help,
                       required=_spec.required)
+  elif _spec.kind in ("integer", "float"):
+    getattr(flags, f"DEFINE_{_spec.kind}")(_spec.name, _spec.default, _spec.help,
+                                           lower_bound=_spec.lower, upper_bound=_spec.upper,
+                                           required=_spec.required)
   else:
     getattr(flags, f"DEFINE_{_spec.kind}")(_spec.name, _spec.default, _spec.help,
                                            required=_spec.required)
@@ -26,10 +31,8 @@ for _spec in flag_specs():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
   train(from_flag_values({s.name: FLAGS[s.name].value for s in flag_specs()}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

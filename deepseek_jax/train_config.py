@@ -1,7 +1,7 @@
 """`TrainConfig`: everything a training run needs, one field per flag of `python -m deepseek_jax.train`.
 
-The flags are generated from the fields (name, type, default, help, choices), so the two cannot
-drift apart; `flag_specs()` is what the CLI defines.
+The flags are generated from the fields (name, type, default, help, choices, bounds), so the two
+cannot drift apart; `flag_specs()` is what the CLI defines.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ class TrainConfig:
                           choices=("float32", "bfloat16"))
   # fine-tuning
   lora_rank: int = _f(0, "LoRA adapters of this rank on --lora_targets; only they are trained "
-                      "(0: train every weight).")
-  lora_alpha: float = _f(16.0, "LoRA scale alpha (the update is (x A) B * alpha / rank).")
+                      "(0: train every weight).", lower=0)
+  lora_alpha: float = _f(16.0, "LoRA scale alpha (the update is (x A) B * alpha / rank).",
+                          lower=0.0)
   lora_targets: tuple[str, ...] = _f(LORA_TARGETS, "Projection name patterns that get adapters, "
                                      "e.g. self_attn.*, mlp.experts, mlp.shared_experts.*")
   base_dtype: str = _f("float32", "Storage of the frozen base with --lora_rank: float32, "
@@ -55,29 +56,32 @@ class TrainConfig:
                         choices=DATA_FORMATS)
   eval_data: str | None = _f(None, "Held-out data in the same format: its loss is logged as "
                              "eval_loss.")
-  eval_every: int = _f(100, "Steps between held-out evaluations (and at the end).")
+  eval_every: int = _f(100, "Steps between held-out evaluations (and at the end).",
+                      lower=1)
   data_patterns: tuple[str, ...] = _f(data_lib.DEFAULT_PATTERNS,
                                       "File patterns searched in directories.")
   data_exclude: tuple[str, ...] = _f(data_lib.DEFAULT_EXCLUDE, "Directory names never entered.")
-  max_data_bytes: int | None = _f(None, "Cap on the corpus size in bytes (files in sorted order).")
+  max_data_bytes: int | None = _f(None, "Cap on the corpus size in bytes (files in sorted order).",
+                                  lower=1)
   tokenizer: str = _f("auto", "'byte', a tokenizer.json, a directory with one, or 'auto' (the "
-                      "--init_from directory's tokenizer.json when it has one, else 'byte').")
-  seq_len: int = _f(256, "Tokens per sequence.")
-  batch_size: int = _f(8, "Sequences per optimizer step (all micro-batches together).")
-  grad_accum: int = _f(1, "Micro-batches per step (batch_size must divide evenly).")
+                      "--init_from directory's tokenizer when it carries one, else 'byte').")
+  seq_len: int = _f(256, "Tokens per sequence.", lower=1)
+  batch_size: int = _f(8, "Sequences per optimizer step (all micro-batches together).", lower=1)
+  grad_accum: int = _f(1, "Micro-batches per step (batch_size must divide evenly).", lower=1)
   # optimization
-  steps: int = _f(1000, "Train until this step (a rerun with more steps resumes).")
-  decay_steps: int | None = _f(None, "Cosine schedule length (default: --steps).")
-  learning_rate: float = _f(1e-3, "Peak learning rate.")
-  warmup_steps: int = _f(100, "Linear warmup steps.")
-  min_lr_ratio: float = _f(0.1, "Final learning rate / peak.")
-  weight_decay: float = _f(0.1, "AdamW weight decay (matrices only).")
+  steps: int = _f(1000, "Train until this step (a rerun with more steps resumes).", lower=1)
+  decay_steps: int | None = _f(None, "Cosine schedule length (default: --steps).", lower=1)
+  learning_rate: float = _f(1e-3, "Peak learning rate.", lower=0.0)
+  warmup_steps: int = _f(100, "Linear warmup steps.", lower=0)
+  min_lr_ratio: float = _f(0.1, "Final learning rate / peak.", lower=0.0, upper=1.0)
+  weight_decay: float = _f(0.1, "AdamW weight decay (matrices only).", lower=0.0)
   clip_norm: float = _f(1.0, "Global gradient-norm clip (<= 0: off).")
-  mtp_weight: float = _f(0.3, "Weight λ of the MTP loss (DeepSeek-V3: 0.3, later 0.1).")
-  bias_update_speed: float = _f(0.001, "γ of auxiliary-loss-free balancing (0: off).")
-  seq_aux_alpha: float = _f(1e-4, "α of V3's complementary sequence-wise balance loss.")
+  mtp_weight: float = _f(0.3, "Weight λ of the MTP loss (DeepSeek-V3: 0.3, later 0.1).", lower=0.0)
+  bias_update_speed: float = _f(0.001, "γ of auxiliary-loss-free balancing (0: off).", lower=0.0)
+  seq_aux_alpha: float = _f(1e-4, "α of V3's complementary sequence-wise balance loss.", lower=0.0)
   expert_aux_alpha: float | None = _f(None, "α of DeepSeek-V2's expert-level balance loss "
-                                      "(default: the config's, off for noaux_tc routing).")
+                                      "(default: the config's, off for noaux_tc routing).",
+                                      lower=0.0)
   seed: int = _f(0, "Initialisation and data-order seed.")
   # mesh
   data_parallel: int = _f(-1, "Data-parallel mesh axis (-1: what the other axes leave).")
@@ -87,20 +91,31 @@ class TrainConfig:
   # output
   workdir: str = _f("", "Checkpoints, metrics.jsonl, TensorBoard files and the data cache.",
                     required=True)
-  save_every: int = _f(500, "Checkpoint period in steps (and always at the end).")
-  keep: int = _f(3, "Checkpoints kept.")
-  log_every: int = _f(10, "Metrics period in steps.")
+  save_every: int = _f(500, "Checkpoint period in steps (and always at the end).", lower=1)
+  keep: int = _f(3, "Checkpoints kept.", lower=1)
+  log_every: int = _f(10, "Metrics period in steps.", lower=1)
   peak_flops: float | None = _f(None, "Per-device peak FLOP/s for MFU (default: the data sheet "
-                                "or measured).")
+                                "or measured).", lower=0.0)
   progress: bool | None = _f(None, "Progress bar (default: on a terminal).")
   tensorboard: bool = _f(True, "Also write TensorBoard event files.")
+  allow_resume_changes: bool = _f(False, "Resume a workdir although --seq_len, --batch_size, "
+                                  "--grad_accum, --seed, --data or --tokenizer differ from its "
+                                  "checkpoint's run (the data order restarts when the data or "
+                                  "--seq_len changed).")
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
       choices = f.metadata.get("choices")
+      lower, upper = f.metadata.get("lower"), f.metadata.get("upper")
       value = getattr(self, f.name)
-      if choices and value is not None and value not in choices:
+      if value is None:
+        continue
+      if choices and value not in choices:
         raise ValueError(f"--{f.name}={value!r}: expected one of {tuple(choices)}")
+      if lower is not None and not value >= lower:  # NaN fails too
+        raise ValueError(f"--{f.name}={value!r}: must be >= {lower}")
+      if upper is not None and not value <= upper:
+        raise ValueError(f"--{f.name}={value!r}: must be <= {upper}")
 
   def optim_config(self) -> optim.OptimConfig:
     return optim.OptimConfig(
@@ -121,6 +136,8 @@ class FlagSpec:
   help: str
   choices: tuple[str, ...] | None = None
   required: bool = False
+  lower: float | None = None  # inclusive bounds (integer and float flags)
+  upper: float | None = None
 
 
 _KINDS = {str: "string", int: "integer", float: "float", bool: "bool"}
@@ -144,7 +161,8 @@ def flag_specs(cls=TrainConfig) -> list[FlagSpec]:
       raise TypeError(f"TrainConfig.{f.name}: no flag kind for type {t}")
     out.append(FlagSpec(f.name, kind, None if f.metadata.get("required") else default,
                         f.metadata["help"], tuple(f.metadata.get("choices", ())) or None,
-                        bool(f.metadata.get("required"))))
+                        bool(f.metadata.get("required")), f.metadata.get("lower"),
+                        f.metadata.get("upper")))
   return out
 
 

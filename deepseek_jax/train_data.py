@@ -19,17 +19,26 @@ from deepseek_jax.tokenizer import load_tokenizer, tokenizer_for_model
 from deepseek_jax.train_config import TrainConfig
 
 
-def make_tokenizer(tc: TrainConfig):
-  """--tokenizer, where "auto" means the --init_from directory's tokenizer.json or bytes."""
+def make_tokenizer(tc: TrainConfig, vocab_size: int):
+  """--tokenizer, where "auto" means the one the --init_from directory carries (refused when it
+  carries none and the model's `vocab_size` is not the byte tokenizer's), or bytes without it."""
   if tc.tokenizer == "auto":
-    return tokenizer_for_model(tc.init_from) if tc.init_from else load_tokenizer("byte")
+    if not tc.init_from:
+      return load_tokenizer("byte")
+    try:
+      return tokenizer_for_model(tc.init_from, vocab_size)
+    except FileNotFoundError as e:
+      raise ValueError(f"--init_from: {e}") from e
   return load_tokenizer(tc.tokenizer)
 
 
 class ChatRows:
-  """Packed conversations: row i is {"tokens", "loss_mask", "segment_ids"} [seq_len + 1]."""
+  """Packed conversations: row i is {"tokens", "loss_mask", "segment_ids"} [seq_len + 1]. `key`
+  identifies the file and tokenizer (a resumed run compares it, as for text corpora)."""
 
-  def __init__(self, rows: dict[str, np.ndarray], source: str, cut: str = ""):
+  def __init__(self, rows: dict[str, np.ndarray], source: str, cut: str = "",
+               key: str | None = None):
+    self.key = key
     if not len(rows["tokens"]):
       raise ValueError(f"{source}: no rows")
     if not rows["loss_mask"][:, 1:].any():
@@ -55,7 +64,8 @@ def chat_rows(path: str, tc: TrainConfig, tokenizer) -> ChatRows:
   why = (f" ({cut} of {len(encoded)} conversations are longer than --seq_len + 1 = "
          f"{tc.seq_len + 1} tokens, the longest {longest}, and were cut; raise --seq_len)"
          if cut else "")
-  return ChatRows(chat.pack(encoded, tc.seq_len + 1, pad), f"--data={path}", why)
+  return ChatRows(chat.pack(encoded, tc.seq_len + 1, pad), f"--data={path}", why,
+                  key=data_lib.corpus_key([os.path.abspath(path)], tokenizer))
 
 
 def make_dataset(tc: TrainConfig, tokenizer, workdir: str, *, path: str | None = None, log=None):

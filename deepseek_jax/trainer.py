@@ -24,13 +24,15 @@ from deepseek_jax import adapters, optim, sharding, train_data
 from deepseek_jax import data as data_lib
 from deepseek_jax import metrics as metrics_lib
 from deepseek_jax.config import DeepseekConfig
+from deepseek_jax.convert.atomic import check_apart
 from deepseek_jax.dtypes import from_name
 from deepseek_jax.layers import LoRAParam
 from deepseek_jax.presets import get_preset
 from deepseek_jax.pretrained import from_pretrained, read_model_config
+from deepseek_jax.tokenizer import save_tokenizer
 from deepseek_jax.train_config import TrainConfig
 from deepseek_jax.train_step import make_eval_step, make_train_step
-from deepseek_jax.workdir import Checkpointer
+from deepseek_jax.workdir import Checkpointer, model_changes, run_changes
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -190,6 +192,16 @@ def _echo(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
+def _duration(seconds: float) -> str:
+  """12s, 3m05s, 1h02m."""
+  s = int(round(seconds))
+  if s < 60:
+    return f"{s}s"
+  if s < 3600:
+    return f"{s // 60}m{s % 60:02d}s"
+  return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def _router_names(cfg: DeepseekConfig) -> list[str]:
   names = [f"layer{i}" for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
   if cfg.is_moe_layer(cfg.num_hidden_layers):
@@ -218,20 +230,33 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
   if not tc.workdir:
     raise ValueError("--workdir is required (checkpoints and metrics.jsonl go there)")
   workdir = os.path.abspath(tc.workdir)
+  check_apart(workdir, {"--init_from": tc.init_from}, output_name="--workdir")
   os.makedirs(workdir, exist_ok=True)
   cfg = model_config(tc)
   dtype = from_name(tc.compute_dtype, "--compute_dtype")
   mesh = make_mesh(tc)
   n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   check_inputs(tc, cfg, n_batch_shards)
-  tokenizer = train_data.make_tokenizer(tc)
+  tokenizer = train_data.make_tokenizer(tc, cfg.vocab_size)
   if tokenizer.vocab_size > cfg.vocab_size:
     raise ValueError(f"--tokenizer={tc.tokenizer}: vocab_size {tokenizer.vocab_size} exceeds the "
                      f"model's vocab_size {cfg.vocab_size}")
+  save_tokenizer(tokenizer, workdir)  # generation and the converters find it there
   dataset = train_data.make_dataset(tc, tokenizer, workdir, log=echo)
   eval_set = (train_data.make_dataset(tc, tokenizer, workdir, path=tc.eval_data, log=echo)
               if tc.eval_data else None)
   it = data_lib.DataIterator(dataset, tc.batch_size, tc.seed)
+  # A resumed run is compared with its checkpoint before anything is built or restored.
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep)
+  meta = ckpt.meta() if ckpt.latest_step() is not None else None
+  run = {"seq_len": tc.seq_len, "batch_size": tc.batch_size, "grad_accum": tc.grad_accum,
+         "seed": tc.seed, "data": dataset.key}
+  run_diff = run_changes(meta, run) if meta is not None else []
+  if run_diff and not tc.allow_resume_changes:
+    ckpt.close()
+    raise ValueError(f"{workdir}: resuming with other settings than its checkpoint's run ("
+                     f"{'; '.join(run_diff)}); pass --allow_resume_changes to continue with "
+                     "them, or use a new --workdir")
 
   tx = optim.make_optimizer(tc.optim_config())
   with jax.set_mesh(mesh):
@@ -239,19 +264,29 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
     cfg = model.cfg
     graphdef, state = split_state(model, tx, tc)
     del model
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), tc.keep)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     start = 0
-    if ckpt.latest_step() is not None:
-      restored, position, meta = ckpt.restore(saved(state))
+    if meta is not None:
+      # compared before restoring: a restore into another model's state fails deep in Orbax
+      model_diff = model_changes(meta, cfg)
+      if model_diff:
+        ckpt.close()
+        raise ValueError(f"{workdir}: its checkpoint holds another model config ("
+                         f"{'; '.join(model_diff[:5])}{'; ...' if len(model_diff) > 5 else ''}); "
+                         "use a new --workdir or the same --preset/--config_json")
+      restored, position, _ = ckpt.restore(saved(state))
       state = dict(restored, frozen=state["frozen"])
-      if meta["model_config"] != cfg.to_hf():
-        raise ValueError(f"{workdir}: its checkpoint holds a different model config; use a new "
-                         "--workdir or the same --preset/--config_json")
+      if run_diff:
+        echo(f"resuming with changed settings: {'; '.join(run_diff)}")
+        if any(d.startswith(("--data", "--seq_len")) for d in run_diff):
+          position = {"epoch": 0, "index": 0}  # positions of the old sequences mean nothing now
+          echo("the data order starts afresh")
       it.restore(position)
       start = int(state["step"])
-      metrics_lib.truncate_jsonl(metrics_path, start)
       echo(f"resumed from step {start} ({ckpt.directory})")
+    # the records after the checkpoint resumed from (all of them when a run was killed before its
+    # first checkpoint committed) are written again
+    metrics_lib.truncate_jsonl(metrics_path, start)
     if start >= tc.steps:
       echo(f"nothing to do: checkpoint at step {start} >= --steps={tc.steps}")
       ckpt.close()
@@ -272,7 +307,11 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
     writer = metrics_lib.JsonlWriter(metrics_path)
     tb = (metrics_lib.EventFileWriter(os.path.join(workdir, "tensorboard"))
           if tc.tensorboard else None)
-    bar = metrics_lib.progress_bar(tc.steps, initial=start, enabled=tc.progress, unit="step")
+    # smoothing=0: the ETA is the mean pace since the bar's clock restarted after the first step
+    # (which includes compiling)
+    bar = metrics_lib.progress_bar(tc.steps, initial=start, enabled=tc.progress, unit="step",
+                                   smoothing=0)
+    lines = tc.progress is None and not sys.stderr.isatty()  # no bar: a line per logged step
     echo(f"training {cfg.num_params(include_mtp=True):,} parameters from step {start} to "
          f"{tc.steps}: batch {tc.batch_size} x {tc.seq_len} tokens, {n_dev} device(s), "
          f"MFU peak {peak:.3g} FLOP/s per device ({peak_src})")
@@ -288,9 +327,10 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
     last: dict[str, Any] = {}
     pending = None  # (step, logs) of the last dispatched step, read after the next dispatch
     t_last, steps_since = time.perf_counter(), 0
+    first: tuple[int, float] | None = None  # (step, time) of the first step read: compiled by then
 
     def read(step_no, logs, extra=None):
-      nonlocal t_last, steps_since, last
+      nonlocal t_last, steps_since, last, first
       rec = _host_metrics(jax.device_get(logs), cfg)
       if not (math.isfinite(rec["total_loss"]) and math.isfinite(rec["grad_norm"])):
         bar.close()
@@ -309,6 +349,14 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
         tb.scalars(step_no, rec)
       bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
       bar.update(step_no - bar.n)
+      if first is None:
+        first = (step_no, now)
+        bar.initial, bar.start_t = step_no, time.time()
+      if lines:
+        eta = ""
+        if step_no > first[0]:
+          eta = f", ETA {_duration((tc.steps - step_no) * (now - first[1]) / (step_no - first[0]))}"
+        echo(f"step {step_no}/{tc.steps}: loss {rec['loss']:.4f}, {tps:,.0f} tokens/s{eta}")
       last = rec
 
     try:
@@ -334,7 +382,7 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
             rec = jax.device_get(logs)
             if not (np.isfinite(rec["total_loss"]) and np.isfinite(rec["grad_norm"])):
               read(step_no, logs)  # raises with the message
-          ckpt.save(step_no, saved(state), position, cfg, run_meta(tc, cfg))
+          ckpt.save(step_no, saved(state), position, cfg, {**run_meta(tc, cfg), "run": run})
         elif want_eval:
           read(step_no, logs, extra)
         elif want_log:

@@ -103,9 +103,13 @@ def parse_mesh(text: str) -> dict[str, int]:
     if not sep or name.strip() not in AXES:
       raise ValueError(f"--mesh item {item!r}: expected axis=size with axis one of {AXES}")
     try:
-      sizes[name.strip()] = int(value)
+      size = int(value)
     except ValueError:
       raise ValueError(f"--mesh item {item!r}: size {value!r} is not an integer") from None
+    if size < 1 and size != -1:
+      raise ValueError(f"--mesh item {item!r}: a size must be >= 1 (or -1 for the rest of the "
+                       "devices)")
+    sizes[name.strip()] = size
   return sizes
 
 

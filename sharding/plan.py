@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 
-from absl import app, flags
+from absl import flags
 
+from deepseek_jax import cli
 from deepseek_jax.config import DeepseekConfig
 from deepseek_jax.presets import get_preset
 from deepseek_jax.sharding.memory import DEVICE_MEMORY, GiB, device_memory, memory_plan, slice_devices
@@ -22,10 +23,11 @@ from deepseek_jax.sharding.rules import parse_rules
 flags.DEFINE_string("preset", "deepseek_v3", "model preset")
 flags.DEFINE_string("config_json", None, "a config.json (file or directory) instead of --preset")
 flags.DEFINE_string("mesh", "fsdp=64,expert=4", "axis sizes; one may be -1 with a sized --device")
-flags.DEFINE_integer("batch", 256, "sequences per step (global)")
-flags.DEFINE_integer("seq_len", 4096, "tokens per sequence")
+flags.DEFINE_integer("batch", 256, "sequences per step (global)", lower_bound=1)
+flags.DEFINE_integer("seq_len", 4096, "tokens per sequence", lower_bound=1)
 flags.DEFINE_bool("train", False, "training (gradients, AdamW state) rather than inference")
-flags.DEFINE_integer("param_bytes", 2, "bytes per stored parameter (2: bfloat16, 1: fp8)")
+flags.DEFINE_integer("param_bytes", 2, "bytes per stored parameter (2: bfloat16, 1: fp8)",
+                     lower_bound=1, upper_bound=4)
 flags.DEFINE_string("device", None, f"one of {sorted(DEVICE_MEMORY)}, optionally with the slice "
                     "size (v5p-256: TPU names count cores); default: all, no size")
 flags.DEFINE_string("device_memory", None, "memory per device instead, e.g. 95GiB or 80GB")
@@ -72,4 +74,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main, cpu_only=True)

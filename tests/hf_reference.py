@@ -124,6 +124,16 @@ def _save_released_numpy(cfg: DeepseekConfig, directory, seed: int = 0,
 
 
 def hf_logits(model, ids: np.ndarray) -> np.ndarray:
+  """float32 logits [B, T, V] of the reference (whatever its dtype)."""
   import torch
   with torch.no_grad():
     return model(torch.from_numpy(np.asarray(ids, np.int64))).logits.float().numpy()
+
+
+def hf_load(directory: str | os.PathLike, dtype="float32"):
+  """transformers' own loading of a saved reference model in `dtype` ("bfloat16" keeps the
+  noaux_tc correction bias in float32, as transformers does)."""
+  import torch
+  import transformers
+  return transformers.AutoModelForCausalLM.from_pretrained(
+      os.fspath(directory), dtype=getattr(torch, dtype)).eval()

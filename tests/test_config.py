@@ -96,9 +96,9 @@ def test_unknown_keys_warn_once_listing_them(caplog):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("n_group", 3),                      # 8 experts not divisible by 3 groups
+    ("n_group", 3),                      # 16 experts not divisible by 3 groups
     ("topk_group", 5),                   # more groups kept than exist (n_group 4)
-    ("num_experts_per_tok", 9),          # more than n_routed_experts
+    ("num_experts_per_tok", 17),         # more than n_routed_experts
     ("topk_method", "random"),
     ("scoring_func", "relu"),
     ("hidden_act", "gelu"),
@@ -123,3 +123,36 @@ def test_bad_config_files(tmp_path):
     DeepseekConfig.from_hf(tmp_path)
   with pytest.raises(ValueError, match="unknown preset"):
     get_preset("deepseek_v9")
+
+
+@pytest.mark.parametrize("edit,says", [
+    (lambda r: r.pop("hidden_size"), "missing required field(s) hidden_size"),
+    (lambda r: r.pop("num_experts_per_tok"), "missing required field(s) num_experts_per_tok"),
+    (lambda r: r.pop("topk_group"), "missing required field(s) topk_group"),
+    (lambda r: r.update(rms_norm_eps="1e-6"), "rms_norm_eps='1e-6' (str): expected a finite number"),
+    (lambda r: r.update(num_hidden_layers=True), "num_hidden_layers=True (bool): expected an integer"),
+    (lambda r: r.update(tie_word_embeddings=1), "tie_word_embeddings=1 (int): expected true or false"),
+    (lambda r: r.update(q_lora_rank=32.0), "q_lora_rank=32.0 (float): expected an integer or null"),
+    (lambda r: r.update(vocab_size=1e12), "vocab_size=1000000000000.0 (float): expected an integer"),
+    (lambda r: r.update(vocab_size=10**12), "TB in bfloat16) is beyond any plausible model"),
+    (lambda r: r.update(rope_theta="1e4"), "rope_theta='1e4' (str): expected a number"),
+    (lambda r: r.update(routed_scaling_factor=float("nan")), "routed_scaling_factor=nan"),
+], ids=["no hidden_size", "no top-k", "no topk_group", "str number", "true as 1", "1 as true",
+        "float rank", "float vocab", "1e12 vocab", "str rope_theta", "nan"])
+def test_config_json_mistakes_are_named(tmp_path, edit, says):
+  """Before: a missing width planned a 7168-wide model, a string number failed with a comparison
+  error naming no field, `true` passed as 1 and vocab_size 1e12 planned 1,024 TB silently."""
+  raw = get_preset("tiny_v3").to_hf()
+  edit(raw)
+  (tmp_path / "config.json").write_text(json.dumps(raw))
+  with pytest.raises(ValueError) as e:
+    DeepseekConfig.from_hf(tmp_path)
+  assert says in str(e.value) and str(tmp_path / "config.json") in str(e.value), str(e.value)
+
+
+def test_v2_defaults_are_transformers_v2_defaults_not_v3s():
+  raw = get_preset("tiny_v2_lite").to_hf()
+  del raw["routed_scaling_factor"]
+  raw.update(n_group=None, topk_group=None)  # what transformers writes for "no groups"
+  cfg = DeepseekConfig.from_hf(raw)
+  assert cfg.routed_scaling_factor == 1.0 and (cfg.n_group, cfg.topk_group) == (1, 1)

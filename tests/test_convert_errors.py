@@ -4,6 +4,7 @@ output (nor any temporary) is left behind."""
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -125,6 +126,8 @@ def test_cli_converts_and_refuses_to_overwrite(release, tmp_path):
   r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
   assert r.returncode == 0, r.stderr[-2000:]
   assert "hf_to_orbax: 100%" in r.stderr and "B/s" in r.stderr  # the progress bar (tqdm)
+  # and nothing else: Orbax's ~40 INFO lines and its deprecation warning used to follow
+  assert not re.search(r"^[IWE]\d{4} |deprecated", r.stderr.replace("\r", "\n"), re.M), r.stderr
   r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
   assert r.returncode != 0 and "not empty" in r.stderr
   r = subprocess.run([sys.executable, "-m", "deepseek_jax.convert.orbax_to_hf", f"--checkpoint_dir={tmp_path / 'o'}",

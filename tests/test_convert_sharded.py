@@ -40,7 +40,7 @@ assert len(reads[e]) == 1, reads[e]                  # one device reads expert 5
 q = "model.layers.0.self_attn.q_b_proj.weight"
 assert len(reads[q]) == 4 and all(s[0] * 4 == 96 for s in reads[q]), reads[q]  # row quarters
 x = sharded["layers.1.mlp.experts.down_proj"]
-assert len(x.addressable_shards) == 4 and x.addressable_shards[1].data.shape == (2, 32, 64)
+assert len(x.addressable_shards) == 4 and x.addressable_shards[1].data.shape == (4, 32, 64)
 safetensors_io.SafetensorsFile.read = real
 _, single = load_hf(sys.argv[1], dtype=jnp.float32)
 for k in single:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 
 import numpy as np
@@ -113,3 +115,15 @@ def test_errors(corpus, tmp_path):
   ds = data.make_dataset(str(corpus), tok, 8, str(tmp_path / "cache"))
   with pytest.raises(ValueError, match="out of range"):
     data.DataIterator(ds, 2, 0).restore({"epoch": 0, "index": len(ds) + 1})
+
+
+def test_files_that_are_not_utf8_are_named_in_a_warning(tmp_path, caplog):
+  """Before: random binary files were trained on as U+FFFD characters without a word."""
+  (tmp_path / "a.txt").write_text("plain text")
+  (tmp_path / "b.txt").write_bytes(bytes(range(256)) * 4)
+  with caplog.at_level(logging.WARNING):
+    meta = data.build_token_file(data.list_files(str(tmp_path)), ByteTokenizer(), tmp_path / "c")
+  said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(said) == 1 and "1 of 2 files are not valid UTF-8" in said[0], said
+  assert str(tmp_path / "b.txt") in said[0]
+  assert json.loads(open(meta).read())["not_utf8_files"] == 1

@@ -17,6 +17,7 @@ import pytest
 from deepseek_jax import from_pretrained, get_preset, metrics, trainer
 from deepseek_jax.export_hf import export_any
 from deepseek_jax.params import flat_state
+from deepseek_jax.tokenizer import ByteTokenizer, save_tokenizer
 from deepseek_jax.train_config import TrainConfig
 from hf_reference import save_hf
 
@@ -39,6 +40,7 @@ def release(tmp_path_factory):
   """A tiny released-layout checkpoint, chat data and held-out data."""
   root = tmp_path_factory.mktemp("ft")
   save_hf(get_preset("tiny_v3", num_nextn_predict_layers=0), root / "base", seed=3)
+  save_tokenizer(ByteTokenizer(), root / "base")  # the base carries its tokenizer, as releases do
   for name, n, seed in (("train", 200, 0), ("eval", 24, 1)):
     (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n, seed)))
   return root

@@ -112,6 +112,8 @@ def test_chunked_decode_equals_one_call_and_seed_reproduces():
     g.decode(4)
     sizes.append(min(len(r) for r in g.results()))
   assert g.results() == whole and sizes == [5, 9, 12]
+  with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
+    g.decode(0)  # a streaming loop decoding 0 steps at a time never finished (--chunk=0)
   assert generate(model, PROMPTS, 12, seed=3, **kw) == whole
   assert generate(model, PROMPTS, 12, seed=4, **kw) != whole
 

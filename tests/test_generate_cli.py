@@ -26,8 +26,7 @@ def model_dir(tmp_path_factory):
 
 def test_run_streams_the_same_text_as_generate(model_dir):
   model = from_pretrained(model_dir, dtype=jnp.float32)
-  tok = tokenizer_for_model(model_dir)
-  assert isinstance(tok, ByteTokenizer)
+  tok = ByteTokenizer()
   out = io.StringIO()
   texts = generation_run(model, tok, ["Hello", "Hi"], out)
   ids = [[tok.bos_id] + tok.encode(p) for p in ("Hello", "Hi")]
@@ -62,10 +61,12 @@ def test_cli_end_to_end(model_dir):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   res = subprocess.run(
       [sys.executable, "-m", "deepseek_jax.generate_text", f"--model_dir={model_dir}", "--prompt=Hi",
-       "--max_new_tokens=5", "--temperature=0.8", "--top_k=5", "--nowarmup"],
+       "--max_new_tokens=5", "--temperature=0.8", "--top_k=5", "--nowarmup", "--tokenizer=byte",
+       "--router_dtype=bfloat16"],
       capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
   assert res.returncode == 0, res.stderr
   assert res.stdout.startswith("Hi") and "tok/s" in res.stdout
+  assert res.stderr == ""  # quiet: it logged 27 Orbax and JAX lines
   bad = subprocess.run([sys.executable, "-m", "deepseek_jax.generate_text", f"--model_dir={ROOT}/tests",
                         "--prompt=Hi"], capture_output=True, text=True, env=env, timeout=300,
                        cwd=ROOT)
@@ -78,7 +79,7 @@ def test_cli_on_a_two_device_mesh_prints_the_same_text(model_dir):
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     res = subprocess.run(
         [sys.executable, "-m", "deepseek_jax.generate_text", f"--model_dir={model_dir}",
-         "--prompt=Hello", "--max_new_tokens=12", "--nowarmup", *extra],
+         "--prompt=Hello", "--max_new_tokens=12", "--nowarmup", "--tokenizer=byte", *extra],
         capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     return res.stdout.split("--- prefill")[0]
@@ -100,3 +101,13 @@ def test_orbax_checkpoint_generates_like_its_source(model_dir, tmp_path):
   assert from_orbax.cfg == from_safetensors.cfg
   assert (generation.generate(from_orbax, [[3, 4, 5], [7]], 6, eos_id=-1)
           == generation.generate(from_safetensors, [[3, 4, 5], [7]], 6, eos_id=-1))
+
+
+def test_cli_refuses_a_real_vocabulary_without_a_tokenizer(model_dir):
+  """Before: it fell back to the byte tokenizer and printed nonsense."""
+  r = subprocess.run([sys.executable, "-m", "deepseek_jax.generate_text", f"--model_dir={model_dir}",
+                      "--prompt=Hi", "--max_new_tokens=2"], capture_output=True, text=True,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=120, cwd=ROOT)
+  lines = r.stderr.strip().splitlines()
+  assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+  assert "no tokenizer.json" in lines[0] and "it has 512 ids" in lines[0]

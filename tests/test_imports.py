@@ -30,8 +30,8 @@ FLOORS = [  # (floor name, module patterns); the first match decides
     ("layers and dispatch", [P + m for m in ("layers", "dispatch", "expert_parallel")]),
     ("attention and MoE", [P + "attention", P + "moe"]),
     ("model", [P + "model"]),
-    ("CLIs", [P + m for m in ("train", "generate_text", "demo", "grpo", "grpo_demo", "distill",
-                              "convert.hf_to_orbax",
+    ("CLIs", [P + m for m in ("cli", "train", "generate_text", "demo", "grpo", "grpo_demo",
+                              "distill", "convert.hf_to_orbax",
                               "convert.orbax_to_hf", "convert.plan", "sharding.plan")]
      + ["deepseek_jax"]),
     ("parameter I/O", [P + "params", P + "checkpoint", P + "workdir", P + "adapters",

@@ -194,4 +194,6 @@ def test_adapters_on_a_mesh_follow_their_weights_and_train_like_one_device():
   (r,) = run_worker("lora")
   assert r["wrong"] == [] and r["adapters"] > 20, r
   assert r["expert_adapter_shard"][1] * 4 == r["expert_adapter_shape"][1]  # [L, E/4, D/2, r]
-  assert abs(r["loss"] - r["ref_loss"]) < 1e-5 and r["param_diff"] < 1e-5, r
+  # Adam's first step is about lr * g / |g|: float32 sums reordered across the shards move an
+  # adapter entry whose gradient is near zero by up to ~2e-5 (measured on tiny_v3, 16 experts)
+  assert abs(r["loss"] - r["ref_loss"]) < 1e-5 and r["param_diff"] < 1e-4, r

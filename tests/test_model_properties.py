@@ -129,3 +129,37 @@ def test_mtp_follows_the_equations(weights):
   x_swapped = mtp.eh_proj(jnp.concatenate([mtp.hnorm(out.hidden), mtp.enorm(emb_next)], -1))
   h2, _, _ = mtp.block(x_swapped, positions)
   assert float(jnp.abs(model.head(mtp.shared_head_norm(h2)) - want).max()) > 1e-3
+
+
+@pytest.mark.parametrize("ids,says", [
+    ([[1, CFG.vocab_size, 3]], rf"input_ids\[0, 1\] = {CFG.vocab_size} is outside the vocabulary"),
+    ([[1, 2], [3, -1]], r"input_ids\[1, 1\] = -1 is outside the vocabulary \[0, 512\)"),
+    (np.zeros((0, 3), np.int32), r"shape \(0, 3\) is empty"),
+    (np.zeros((2, 0), np.int32), r"shape \(2, 0\) is empty"),
+    ([1, 2, 3], r"got \(3,\) \(one sequence"),
+    ([[1, 2], [3]], "not a rectangular"),
+    (np.ones((1, 3), np.float32), "integer token ids"),
+], ids=["id=vocab", "id=-1", "empty batch", "empty sequence", "1-D", "ragged", "float"])
+def test_bad_input_ids_are_refused_by_name(weights, ids, says):
+  """Before: an id >= vocab turned its row's logits to NaN, -1 read the last embedding, and the
+  shapes gave ZeroDivisionError, unpack or attribute errors."""
+  model = model_from_flat(CFG, weights)
+  arrays = [ids] if isinstance(ids, list) else [ids, jnp.asarray(ids)]
+  for x in arrays:
+    with pytest.raises(ValueError, match=says):
+      model(x)
+
+
+def test_ids_as_lists_work_and_jit_checks_only_shapes(weights):
+  model = model_from_flat(CFG, weights)
+  ids = [[5, 6, 7], [8, 9, 10]]
+  np.testing.assert_array_equal(model(ids), model(jnp.asarray(ids, jnp.int32)))
+  with pytest.raises(ValueError, match="expected shape"):
+    nnx.jit(lambda m, x: m(x))(model, jnp.asarray([1, 2, 3]))
+  # under jit the values are not known: documented, not checked
+  out = nnx.jit(lambda m, x: m(x))(model, jnp.asarray([[1, CFG.vocab_size]]))
+  assert out.shape == (1, 2, CFG.vocab_size)
+  # ids a jitted function closes over are concrete: checked while tracing
+  bad = jnp.asarray([[1, CFG.vocab_size]])
+  with pytest.raises(ValueError, match="outside the vocabulary"):
+    nnx.jit(lambda m: m(bad))(model)

@@ -23,7 +23,7 @@ def test_sharded_from_pretrained_equals_one_device(tmp_path):
       init_from=str(tmp_path / "hf"), workdir=str(tmp_path / "run"), scan_layers=True,
       data=os.path.dirname(json.__file__), seq_len=16, batch_size=2, steps=1, learning_rate=0.0,
       warmup_steps=0, bias_update_speed=0.0, peak_flops=1e11, progress=False,
-      tensorboard=False), echo=lambda _: None)
+      tensorboard=False, tokenizer="byte"), echo=lambda _: None)
   rows = run_worker("pretrained", str(tmp_path / "hf"), str(tmp_path / "orbax"),
                     str(tmp_path / "run"))
   assert [(r["source"], r["scan"]) for r in rows] == [

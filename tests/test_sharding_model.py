@@ -58,8 +58,8 @@ def test_shard_shapes_follow_the_rules(results):
   r = next(r for r in results if r.get("mesh") == {"data": 2, "expert": 2, "tensor": 2}
            and not r["scan"])
   sh = r["shards"]
-  assert sh["layers.1.mlp.experts.gate_proj"]["shard"] == [4, 64, 16]    # [E/2, D, I/2]
-  assert sh["layers.1.mlp.experts.down_proj"]["shard"] == [4, 16, 64]    # [E/2, I/2, D]
+  assert sh["layers.1.mlp.experts.gate_proj"]["shard"] == [8, 64, 16]    # [E/2, D, I/2]
+  assert sh["layers.1.mlp.experts.down_proj"]["shard"] == [8, 16, 64]    # [E/2, I/2, D]
   assert sh["embed_tokens.embedding"]["shard"] == [256, 64]              # [V/2, D]
   assert sh["layers.0.self_attn.q_b_proj.kernel"]["shard"] == [32, 48]   # heads over tensor
   assert sh["layers.0.self_attn.o_proj.kernel"]["shard"] == [32, 64]

@@ -40,6 +40,16 @@ def test_choices_are_checked_in_python_too():
     TrainConfig(moe_dispatch="warp")
 
 
+@pytest.mark.parametrize("field,value,says", [
+    ("steps", 0, ">= 1"), ("log_every", -1, ">= 1"), ("min_lr_ratio", 1.5, "<= 1.0"),
+    ("learning_rate", float("nan"), ">= 0.0"), ("max_data_bytes", 0, ">= 1")])
+def test_ranges_are_checked_in_python_and_become_flag_bounds(field, value, says):
+  with pytest.raises(ValueError, match=f"--{field}=.*must be {says}"):
+    TrainConfig(**{field: value})
+  spec = {s.name: s for s in flag_specs()}[field]
+  assert spec.lower is not None
+
+
 def test_cli_help_lists_every_field():
   r = subprocess.run([sys.executable, "-m", "deepseek_jax.train", "--helpshort"], cwd=ROOT,
                      capture_output=True, text=True, timeout=300,

@@ -80,3 +80,59 @@ def test_sigkill_and_restart_reproduce_the_uninterrupted_run(tmp_path):
   assert [p for p, _ in flat_a] == [p for p, _ in flat_b] and len(flat_a) > 100
   for (path, x), (_, y) in zip(flat_a, flat_b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=str(path))
+
+
+def _run_and_kill(workdir, command, until):
+  """Starts `command`, SIGKILLs it once until() holds; returns the logged steps then."""
+  proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  deadline = time.time() + 240
+  try:
+    while time.time() < deadline and proc.poll() is None:
+      if until():
+        proc.send_signal(signal.SIGKILL)
+        break
+      time.sleep(0.005)
+  finally:
+    rc = proc.wait(timeout=60)
+  err = proc.stderr.read().decode()
+  proc.stderr.close()
+  assert rc == -signal.SIGKILL, f"the run was not killed mid-way (rc {rc}): {err[-2000:]}"
+  return metrics.read_jsonl(str(workdir / "metrics.jsonl"))
+
+
+def test_killed_before_its_first_checkpoint_logs_each_step_once(tmp_path):
+  """Before: the restart from step 0 appended to metrics.jsonl (1..k, then 1..20 again)."""
+  w = tmp_path / "w"
+  command = [a for a in _command(w) if not a.startswith(("--steps=", "--save_every=",
+                                                          "--grad_accum=", "--seq_len="))]
+  command += ["--steps=20", "--save_every=100", "--grad_accum=1", "--seq_len=32"]
+
+  def until():
+    return len(metrics.read_jsonl(str(w / "metrics.jsonl"))) >= 3 and not os.path.isdir(
+        w / "checkpoints" / "20")
+  before = _run_and_kill(w, command, until)
+  assert before and not any(n.isdigit() for n in os.listdir(w / "checkpoints"))
+  done = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                        timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  after = metrics.read_jsonl(str(w / "metrics.jsonl"))
+  assert [r["step"] for r in after] == list(range(1, 21))
+  for a, b in zip(before, after):  # the same steps again, from scratch: the same losses
+    assert (a["step"], a["loss"]) == (b["step"], b["loss"])
+
+
+def test_a_save_commits_before_the_next_one_starts(tmp_path):
+  """Saves are asynchronous: a kill before a save commits (measured: 0.3-0.8 s, 3-7 tiny_v3
+  steps on a 2-core CPU) resumes from the checkpoint before. The next save waits for the
+  commit, so at most one checkpoint is ever pending."""
+  from deepseek_jax import get_preset
+  from deepseek_jax.workdir import Checkpointer
+  state = {"w": np.ones((256, 1024), np.float32), "step": np.int32(0)}
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"), keep=3)
+  cfg = get_preset("tiny_v3")
+  ckpt.save(1, state, {"epoch": 0, "index": 0}, cfg)
+  ckpt.save(2, state, {"epoch": 0, "index": 1}, cfg)
+  assert os.path.isdir(tmp_path / "checkpoints" / "1")  # committed when save(2) began
+  ckpt.close()
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]

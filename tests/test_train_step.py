@@ -70,8 +70,11 @@ def test_mtp_weight_zero_equals_model_without_mtp():
     np.testing.assert_allclose(logs_a["loss"], logs_b["loss"], rtol=1e-6)
   main_a = dict(nnx.to_flat_state(state_a["params"]))
   main_b = dict(nnx.to_flat_state(state_b["params"]))
+  # Equal up to float rounding: ~1e-7 everywhere, but Adam divides by sqrt(v) + 1e-8, so where a
+  # gradient is near 1e-8 (a rarely seen embedding row) rounding moves a parameter by up to ~2e-5
+  # (lr 1e-2); an MTP loss leaking through its zero weight would move parameters by ~lr.
   for k, v in main_b.items():
-    np.testing.assert_allclose(main_a[k][...], v[...], rtol=1e-5, atol=1e-7, err_msg=str(k))
+    np.testing.assert_allclose(main_a[k][...], v[...], rtol=1e-5, atol=1e-4, err_msg=str(k))
 
 
 def _favour_expert0(state, amount):
@@ -97,8 +100,9 @@ def test_bias_updates_balance_a_router_favouring_one_expert():
   cv = np.stack(trace)                                                   # [steps, routers]
   start, end = cv[:3].mean(0), cv[-10:].mean(0)
   assert cv.shape[1] == 3                        # two MoE layers and the MTP block
-  assert (start > 0.7).all(), start              # favoured: cv ~0.9 (1.13 if always in the top-2)
-  assert (end < 0.5 * start).all(), (start, end)  # seen: ~0.25
+  # 16 experts, top-4: unbiased cv ~0.27; favoured ~0.65 (0.78 if expert 0 were always chosen)
+  assert (start > 0.55).all(), start
+  assert (end < 0.5 * start).all(), (start, end)  # seen: ~0.27, back to unbiased
   bias = [np.asarray(l) for p, l in jax.tree_util.tree_leaves_with_path(state["rest"])
           if "e_score_correction_bias" in jax.tree_util.keystr(p)]
   assert all(b[0] < 0.1 - 0.005 * 10 for b in bias)  # the favoured expert was lowered
