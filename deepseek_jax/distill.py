@@ -15,16 +15,15 @@ are `{"messages": [..., {"role": "assistant", ...}]}` (or `{"prompt", "completio
 --output_format=prompt_completion), plus `sample` and `logprob`. The logits mode's flags are
 `DistillConfig`'s fields (the trainer's, plus --teacher, --kl_topk, --kl_temperature,
 --ce_weight); rerunning it in the same --workdir resumes. The logic lives in
-`deepseek_jax.distillation` (`write_traces`, `distill`).
+`deepseek_jax.distillation` (`write_traces`, `distill`). Bad input is one line on stderr
+(`cli.run`).
 """
 
 from __future__ import annotations
 
-import sys
+from absl import app, flags
 
-from absl import app, flags, logging
-
-from deepseek_jax import sharding
+from deepseek_jax import cli, sharding
 from deepseek_jax.distillation import DistillConfig, distill, write_traces
 from deepseek_jax.train_config import flag_specs, from_flag_values
 
@@ -37,6 +36,9 @@ _MODE = flags.DEFINE_enum("mode", "traces", ["traces", "logits"],
 for _spec in flag_specs(DistillConfig):
   if _spec.kind == "enum":
     flags.DEFINE_enum(_spec.name, _spec.default, list(_spec.choices), _spec.help)
+  elif _spec.kind in ("integer", "float"):
+    getattr(flags, f"DEFINE_{_spec.kind}")(_spec.name, _spec.default, _spec.help,
+                                           lower_bound=_spec.lower, upper_bound=_spec.upper)
   else:
     getattr(flags, f"DEFINE_{_spec.kind}")(_spec.name, _spec.default, _spec.help)
 _PROMPTS = flags.DEFINE_string("prompts", None, "traces: JSONL prompt rows.")
@@ -63,12 +65,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "traces: replace an existing 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-  try:
-    run(_MODE.value)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad flags or inputs: one line
-    sys.exit(f"deepseek_jax.distill: {e}")
+  run(_MODE.value)
 
 
 def run(mode: str) -> None:
@@ -78,13 +75,13 @@ def run(mode: str) -> None:
   if mode == "logits":
     for name in ("teacher", "data", "workdir"):
       if not getattr(dc, name):
-        raise ValueError(f"--mode=logits needs --{name}")
+        raise app.UsageError(f"--mode=logits needs --{name}")
     distill(dc)
     return
   for name, value in (("teacher", dc.teacher), ("prompts", _PROMPTS.value),
                       ("output", _OUTPUT.value)):
     if not value:
-      raise ValueError(f"--mode=traces needs --{name}")
+      raise app.UsageError(f"--mode=traces needs --{name}")
   mesh = sharding.make_mesh(data=dc.data_parallel, fsdp=dc.fsdp, expert=dc.expert,
                             tensor=dc.tensor)
   write_traces(dc.teacher, _PROMPTS.value, _OUTPUT.value, compute_dtype=dc.compute_dtype,
@@ -96,4 +93,4 @@ def run(mode: str) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

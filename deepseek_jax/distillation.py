@@ -16,9 +16,10 @@ gradient, and the student minimises
 on the batch's target positions (every token of text; the assistant tokens of chat data). The
 MTP and balance terms are the trainer's (`train_step`, through its `main_loss` and `teach`
 hooks). The rest is the trainer's too: the model builder, mesh, data iterator, Orbax checkpoints
-with the data position (a rerun in the same workdir resumes), `metrics.jsonl` and TensorBoard
-files. The teacher is never saved. With --eval_data, the held-out KL(teacher ‖ student) (full vocabulary, τ = 1) is
-logged as `eval_kl`, and before the first step as `eval_kl_init`.
+with the data position (a rerun in the same workdir resumes; one with other settings is refused
+as the trainer refuses it), `metrics.jsonl` and TensorBoard files. The teacher is never saved.
+With --eval_data, the held-out KL(teacher ‖ student) (full vocabulary, τ = 1) is logged as
+`eval_kl`, and before the first step as `eval_kl_init`.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ from flax import nnx
 from deepseek_jax import chat, distill_loss, losses, optim, train_data, train_step, trainer
 from deepseek_jax import data as data_lib
 from deepseek_jax import metrics as metrics_lib
+from deepseek_jax.convert.atomic import check_apart
 from deepseek_jax.dtypes import from_name
 from deepseek_jax.generation import generate
 from deepseek_jax.pretrained import from_pretrained
-from deepseek_jax.tokenizer import load_tokenizer, tokenizer_for_model
+from deepseek_jax.tokenizer import load_tokenizer, save_tokenizer, tokenizer_for_model
 from deepseek_jax.train_config import TrainConfig
-from deepseek_jax.workdir import Checkpointer
+from deepseek_jax.workdir import Checkpointer, model_changes, run_changes
 
 
 def _f(default, help: str, **meta):  # noqa: A002 - the flag's help text
@@ -60,19 +62,16 @@ class DistillConfig(TrainConfig):
   teacher: str = _f("", "The teacher: released safetensors, one of our Orbax checkpoints or a "
                     "trainer workdir (same vocabulary as the student).")
   kl_topk: int = _f(0, "Distil on the teacher's k most likely tokens, the rest of the "
-                    "vocabulary as one bucket (0: the full vocabulary).")
+                    "vocabulary as one bucket (0: the full vocabulary).", lower=0)
   kl_temperature: float = _f(1.0, "Softmax temperature of teacher and student in the KL (the "
                              "loss is scaled by its square).")
-  ce_weight: float = _f(0.0, "Weight of the data's own next-token cross-entropy added to the KL.")
+  ce_weight: float = _f(0.0, "Weight of the data's own next-token cross-entropy added to the KL.",
+                        lower=0.0)
 
   def __post_init__(self):
-    super().__post_init__()
-    if self.kl_topk < 0:
-      raise ValueError(f"--kl_topk={self.kl_topk}: must be >= 0 (0: the full vocabulary)")
+    super().__post_init__()  # choices and the fields' bounds
     if not self.kl_temperature > 0:
       raise ValueError(f"--kl_temperature={self.kl_temperature}: must be > 0")
-    if self.ce_weight < 0:
-      raise ValueError(f"--ce_weight={self.ce_weight}: must be >= 0")
 
 
 def _echo(msg: str) -> None:
@@ -292,11 +291,16 @@ def heldout_kl(eval_fn, state, t_state, dataset, batch_size: int, spec) -> float
   return total / max(count, 1.0)
 
 
-def _tokenizer(dc: DistillConfig):
-  """--tokenizer; "auto" is the student's --init_from directory's, else the teacher's."""
+def _tokenizer(dc: DistillConfig, vocab_size: int):
+  """--tokenizer; "auto" is the one the student's --init_from directory carries, else the
+  teacher's."""
   if dc.tokenizer != "auto":
     return load_tokenizer(dc.tokenizer)
-  return tokenizer_for_model(dc.init_from or dc.teacher)
+  name, where = ("--init_from", dc.init_from) if dc.init_from else ("--teacher", dc.teacher)
+  try:
+    return tokenizer_for_model(where, vocab_size)
+  except FileNotFoundError as e:
+    raise ValueError(f"{name}={where}: {e}; or pass --tokenizer") from e
 
 
 def _dataset(dc: DistillConfig, tokenizer, workdir: str, path: str, echo):
@@ -342,105 +346,123 @@ def distill(dc: DistillConfig, *, echo: Callable[[str], None] = _echo) -> dict[s
   if not os.path.isdir(dc.teacher):
     raise FileNotFoundError(f"--teacher={dc.teacher}: no such directory")
   workdir = os.path.abspath(dc.workdir)
+  check_apart(workdir, {"--teacher": dc.teacher, "--init_from": dc.init_from},
+              output_name="--workdir")
   os.makedirs(workdir, exist_ok=True)
   cfg = trainer.model_config(dc)
   dtype = from_name(dc.compute_dtype, "--compute_dtype")
   mesh = trainer.make_mesh(dc)
   trainer.check_inputs(dc, cfg, mesh.shape["data"] * mesh.shape["fsdp"])
-  tokenizer = _tokenizer(dc)
+  tokenizer = _tokenizer(dc, cfg.vocab_size)
+  save_tokenizer(tokenizer, workdir)  # generation and the converters find it there
   dataset = _dataset(dc, tokenizer, workdir, dc.data, echo)
   eval_set = _dataset(dc, tokenizer, workdir, dc.eval_data, echo) if dc.eval_data else None
   it = data_lib.DataIterator(dataset, dc.batch_size, dc.seed)
-  tx = optim.make_optimizer(dc.optim_config())
-  with jax.set_mesh(mesh):
-    echo(f"loading the teacher from {dc.teacher}")
-    teacher = from_pretrained(dc.teacher, dtype=dtype, mesh=mesh)
-    _check(dc, cfg, teacher.cfg, tokenizer)
-    t_graphdef, t_state = nnx.split(teacher)
-    del teacher
-    model = trainer.build_model(dc, cfg, dtype, echo, mesh)
-    cfg = model.cfg
-    graphdef, state = trainer.split_state(model, tx, dc)
-    del model
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), dc.keep)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    meta = {**trainer.run_meta(dc, cfg), "teacher": os.path.abspath(dc.teacher)}
-    start = 0
-    if ckpt.latest_step() is not None:
-      restored, position, saved_meta = ckpt.restore(trainer.saved(state))
-      if saved_meta["model_config"] != cfg.to_hf():
-        raise ValueError(f"{workdir}: its checkpoint holds a different student config; use a "
-                         "new --workdir or the same --preset/--config_json")
-      state = dict(restored, frozen=state["frozen"])
-      it.restore(position)
-      start = int(state["step"])
+  # a resumed run is compared with its checkpoint before anything is built (as the trainer does)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), dc.keep)
+  try:  # the checkpoint manager is closed on every way out
+    saved_meta = ckpt.meta() if ckpt.latest_step() is not None else None
+    run = {"seq_len": dc.seq_len, "batch_size": dc.batch_size, "grad_accum": dc.grad_accum,
+           "seed": dc.seed, "data": dataset.key, "teacher": os.path.abspath(dc.teacher),
+           "kl_topk": dc.kl_topk, "kl_temperature": dc.kl_temperature}
+    run_diff = run_changes(saved_meta, run) if saved_meta is not None else []
+    if run_diff and not dc.allow_resume_changes:
+      raise ValueError(f"{workdir}: resuming with other settings than its checkpoint's run ("
+                       f"{'; '.join(run_diff)}); pass --allow_resume_changes to continue with "
+                       "them, or use a new --workdir")
+    tx = optim.make_optimizer(dc.optim_config())
+    with jax.set_mesh(mesh):
+      echo(f"loading the teacher from {dc.teacher}")
+      teacher = from_pretrained(dc.teacher, dtype=dtype, mesh=mesh)
+      _check(dc, cfg, teacher.cfg, tokenizer)
+      t_graphdef, t_state = nnx.split(teacher)
+      del teacher
+      model = trainer.build_model(dc, cfg, dtype, echo, mesh)
+      cfg = model.cfg
+      graphdef, state = trainer.split_state(model, tx, dc)
+      del model
+      metrics_path = os.path.join(workdir, "metrics.jsonl")
+      meta = {**trainer.run_meta(dc, cfg), "teacher": os.path.abspath(dc.teacher), "run": run}
+      start = 0
+      if saved_meta is not None:
+        diff = model_changes(saved_meta, cfg)
+        if diff:
+          raise ValueError(f"{workdir}: its checkpoint holds another student config ("
+                           f"{'; '.join(diff[:5])}{'; ...' if len(diff) > 5 else ''}); use a new "
+                           "--workdir or the same --preset/--config_json")
+        restored, position, _ = ckpt.restore(trainer.saved(state))
+        state = dict(restored, frozen=state["frozen"])
+        if any(d.startswith(("--data", "--seq_len")) for d in run_diff):
+          position = {"epoch": 0, "index": 0}  # positions of the old sequences mean nothing now
+        it.restore(position)
+        start = int(state["step"])
+        echo(f"resumed from step {start} ({ckpt.directory})")
       metrics_lib.truncate_jsonl(metrics_path, start)
-      echo(f"resumed from step {start} ({ckpt.directory})")
-    if start >= dc.steps:
-      ckpt.close()
-      last = metrics_lib.read_jsonl(metrics_path)
-      return last[-1] if last else {"step": start}
+      if start >= dc.steps:
+        last = metrics_lib.read_jsonl(metrics_path)
+        return last[-1] if last else {"step": start}
 
-    batch_spec = trainer.batch_sharding(mesh)
-    eval_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    state_sh = trainer.state_shardings(mesh, state)
-    state = jax.device_put(state, state_sh)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    step_fn = jax.jit(train_step.make_train_step(graphdef, tx, cfg, dc,
-                                                 main_loss=make_main_loss(dc),
-                                                 teach=make_teach(t_graphdef, dc)),
-                      donate_argnums=(0,), out_shardings=(state_sh, replicated))
-    kl_fn = jax.jit(make_eval_kl(graphdef, t_graphdef))
-    ce_fn = jax.jit(train_step.make_eval_step(graphdef, cfg, dc))
-    micro_rows = dc.batch_size // dc.grad_accum
+      batch_spec = trainer.batch_sharding(mesh)
+      eval_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+      state_sh = trainer.state_shardings(mesh, state)
+      state = jax.device_put(state, state_sh)
+      replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+      step_fn = jax.jit(train_step.make_train_step(graphdef, tx, cfg, dc,
+                                                   main_loss=make_main_loss(dc),
+                                                   teach=make_teach(t_graphdef, dc)),
+                        donate_argnums=(0,), out_shardings=(state_sh, replicated))
+      kl_fn = jax.jit(make_eval_kl(graphdef, t_graphdef))
+      ce_fn = jax.jit(train_step.make_eval_step(graphdef, cfg, dc))
+      micro_rows = dc.batch_size // dc.grad_accum
 
-    def evaluate() -> dict[str, float]:
-      return {"eval_kl": heldout_kl(kl_fn, state, t_state, eval_set, micro_rows, eval_spec),
-              "eval_loss": trainer.evaluate(ce_fn, state, eval_set, dc, eval_spec)}
+      def evaluate() -> dict[str, float]:
+        return {"eval_kl": heldout_kl(kl_fn, state, t_state, eval_set, micro_rows, eval_spec),
+                "eval_loss": trainer.evaluate(ce_fn, state, eval_set, dc, eval_spec)}
 
-    first: dict[str, float] = {}
-    if eval_set is not None and start == 0:
-      first = {"eval_kl_init": evaluate()["eval_kl"]}
-      echo(f"held-out KL(teacher || student) before distillation: {first['eval_kl_init']:.4f}")
-    echo(f"distilling into {cfg.num_params(include_mtp=True):,} parameters from step {start} to "
-         f"{dc.steps} ({'top-%d' % dc.kl_topk if dc.kl_topk else 'full'} KL, "
-         f"τ={dc.kl_temperature}): batch {dc.batch_size} x {dc.seq_len} tokens")
-    writer = metrics_lib.JsonlWriter(metrics_path)
-    tb = (metrics_lib.EventFileWriter(os.path.join(workdir, "tensorboard"))
-          if dc.tensorboard else None)
-    bar = metrics_lib.progress_bar(dc.steps, initial=start, enabled=dc.progress, unit="step")
-    last: dict[str, Any] = {}
-    t_last, since = time.perf_counter(), 0
-    try:
-      for step_no in range(start + 1, dc.steps + 1):
-        micro = (dc.grad_accum, micro_rows, dc.seq_len + 1)
-        batch = jax.tree.map(lambda b: b.reshape(micro), next(it))
-        position = it.state()
-        state, logs = step_fn(state, trainer.to_devices(batch, batch_spec), t_state)
-        since += 1
-        final = step_no == dc.steps
-        want_eval = eval_set is not None and (step_no % dc.eval_every == 0 or final)
-        saving = step_no % dc.save_every == 0 or final
-        if step_no % dc.log_every == 0 or final or step_no == start + 1 or want_eval or saving:
-          logs = jax.device_get(logs)
-          now = time.perf_counter()
-          tps = dc.batch_size * dc.seq_len * since / max(now - t_last, 1e-9)
-          extra = {**first, **(evaluate() if want_eval else {})}
-          last = _record(logs, step_no, tps, extra)
-          t_last, since, first = now, 0, {}
-          writer.write(last)
-          if tb:
-            tb.scalars(step_no, last)
-          bar.set_postfix(kl=f"{last['kl']:.4f}", refresh=False)
-          bar.update(step_no - bar.n)
-        if saving:
-          ckpt.save(step_no, trainer.saved(state), position, cfg, meta)
-    finally:
-      bar.close()
-      ckpt.close()
-      writer.close()
-      if tb:
-        tb.close()
+      first: dict[str, float] = {}
+      if eval_set is not None and start == 0:
+        first = {"eval_kl_init": evaluate()["eval_kl"]}
+        echo(f"held-out KL(teacher || student) before distillation: {first['eval_kl_init']:.4f}")
+      echo(f"distilling into {cfg.num_params(include_mtp=True):,} parameters from step {start} to "
+           f"{dc.steps} ({'top-%d' % dc.kl_topk if dc.kl_topk else 'full'} KL, "
+           f"τ={dc.kl_temperature}): batch {dc.batch_size} x {dc.seq_len} tokens")
+      writer = metrics_lib.JsonlWriter(metrics_path)
+      tb = (metrics_lib.EventFileWriter(os.path.join(workdir, "tensorboard"))
+            if dc.tensorboard else None)
+      bar = metrics_lib.progress_bar(dc.steps, initial=start, enabled=dc.progress, unit="step")
+      last: dict[str, Any] = {}
+      t_last, since = time.perf_counter(), 0
+      try:
+        for step_no in range(start + 1, dc.steps + 1):
+          micro = (dc.grad_accum, micro_rows, dc.seq_len + 1)
+          batch = jax.tree.map(lambda b: b.reshape(micro), next(it))
+          position = it.state()
+          state, logs = step_fn(state, trainer.to_devices(batch, batch_spec), t_state)
+          since += 1
+          final = step_no == dc.steps
+          want_eval = eval_set is not None and (step_no % dc.eval_every == 0 or final)
+          saving = step_no % dc.save_every == 0 or final
+          if step_no % dc.log_every == 0 or final or step_no == start + 1 or want_eval or saving:
+            logs = jax.device_get(logs)
+            now = time.perf_counter()
+            tps = dc.batch_size * dc.seq_len * since / max(now - t_last, 1e-9)
+            extra = {**first, **(evaluate() if want_eval else {})}
+            last = _record(logs, step_no, tps, extra)
+            t_last, since, first = now, 0, {}
+            writer.write(last)
+            if tb:
+              tb.scalars(step_no, last)
+            bar.set_postfix(kl=f"{last['kl']:.4f}", refresh=False)
+            bar.update(step_no - bar.n)
+          if saving:
+            ckpt.save(step_no, trainer.saved(state), position, cfg, meta)
+      finally:
+        bar.close()
+        writer.close()
+        if tb:
+          tb.close()
+  finally:
+    ckpt.close()
   if "eval_kl" in last:
     echo(f"step {last['step']}: held-out KL(teacher || student) {last['eval_kl']:.4f}")
   echo(f"step {last.get('step')}: distillation loss {last.get('kl', float('nan')):.4f}")
