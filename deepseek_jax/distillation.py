@@ -300,7 +300,7 @@ def _tokenizer(dc: DistillConfig, vocab_size: int):
   try:
     return tokenizer_for_model(where, vocab_size)
   except FileNotFoundError as e:
-    raise ValueError(f"{name}={where}: {e}; or pass --tokenizer") from e
+    raise ValueError(f"{name}={where}: {e}") from e
 
 
 def _dataset(dc: DistillConfig, tokenizer, workdir: str, path: str, echo):
