@@ -14,6 +14,10 @@ into the next conversation); a bare token array is a text batch.
 The state is {"params" (what is trained: every Param, or the LoRA adapters alone), "frozen" (a
 LoRA run's base weights; absent or empty otherwise), "rest" (router biases), "opt_state",
 "step"}. `make_train_step` returns a pure function of (state, batch); `trainer` jits it.
+
+Two hooks let another objective reuse the step (logit distillation does): `main_loss` replaces
+the CE term (the MTP and balance terms stay), and `teach` adds, outside the gradient, inputs that
+each micro-batch needs (a frozen teacher's outputs), from a third argument of the step.
 """
 
 from __future__ import annotations
@@ -51,8 +55,25 @@ def _segment_positions(seg: jax.Array) -> jax.Array:
   return idx - jax.lax.cummax(jnp.where(new, idx, 0), axis=1)
 
 
-def make_loss_fn(graphdef, cfg: DeepseekConfig, tc: TrainConfig) -> Callable:
-  """loss(params, rest, batch, frozen=None) -> (total, aux) for one micro-batch (see above)."""
+def model_inputs(batch) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """(inputs [b, T], `model.forward` keyword arguments) of a batch: a packed batch's positions
+  restart in each segment and attention stays inside it."""
+  batch = as_batch(batch)
+  inputs = batch["tokens"][:, :-1]                                        # [b, T]
+  seg = batch.get("segment_ids")
+  if seg is None:
+    return inputs, {}
+  seg_in = seg[:, :-1]
+  return inputs, {"positions": _segment_positions(seg_in), "segment_ids": seg_in}
+
+
+def make_loss_fn(graphdef, cfg: DeepseekConfig, tc: TrainConfig,
+                 main_loss: Callable | None = None) -> Callable:
+  """loss(params, rest, batch, frozen=None) -> (total, aux) for one micro-batch (see above).
+
+  `main_loss(logits [b, T, V], targets [b, T], mask [b, T] or None, batch) -> (value, logs)`
+  replaces the CE term of the total; "loss" in the logs stays the CE, the hook's logs join it.
+  """
   alpha_v2 = expert_alpha(tc, cfg)
   n_main = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))  # routers before MTP's
 
@@ -61,22 +82,21 @@ def make_loss_fn(graphdef, cfg: DeepseekConfig, tc: TrainConfig) -> Callable:
     frozen = () if frozen is None else (jax.tree.map(lambda a: a, frozen),)
     model = nnx.merge(graphdef, params, *frozen, rest)
     batch = as_batch(batch)
-    tokens = batch["tokens"]
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]                      # [b, T]
+    targets = batch["tokens"][:, 1:]                                     # [b, T]
     seg = batch.get("segment_ids")
     mask = batch.get("loss_mask")
     mask = None if mask is None else mask[:, 1:].astype(jnp.float32)    # the target counts
-    if seg is None:
-      out = model.forward(inputs, with_mtp=True)
-      real = None
-    else:
+    inputs, kw = model_inputs(batch)
+    out = model.forward(inputs, with_mtp=True, **kw)
+    real = None
+    if seg is not None:
       seg_in, seg_tgt = seg[:, :-1], seg[:, 1:]
-      out = model.forward(inputs, positions=_segment_positions(seg_in), segment_ids=seg_in,
-                          with_mtp=True)
       same = (seg_tgt == seg_in).astype(jnp.float32)                     # no target across
       mask = same if mask is None else mask * same
       real = (seg_in > 0).astype(jnp.float32)                            # not padding
     ce, n_targets = losses.cross_entropy(out.logits, targets, mask)
+    main, main_logs = (ce, {}) if main_loss is None else main_loss(out.logits, targets, mask,
+                                                                   batch)
     mtp, per_depth = losses.mtp_loss(out.mtp_logits, targets, mask,
                                      None if seg is None else seg)
     aux = jnp.zeros((), jnp.float32)
@@ -90,13 +110,14 @@ def make_loss_fn(graphdef, cfg: DeepseekConfig, tc: TrainConfig) -> Callable:
       if alpha_v2 and w:
         aux += w * alpha_v2 * losses.balance_loss(
             r.scores, r.topk_idx, mask=real, per_sequence=cfg.seq_aux, normalize_scores=False)
-    total = ce + tc.mtp_weight * mtp + aux
+    total = main + tc.mtp_weight * mtp + aux
     e = cfg.n_routed_experts or 1
     counts = (jnp.stack([losses.expert_counts(r.topk_idx, e, real) for r in out.router])
               if out.router else jnp.zeros((0, e), jnp.float32))         # [R, E]
     logs = {"loss": ce, "targets": n_targets, "mtp_loss": mtp, "aux_loss": aux,
             "total_loss": total,
-            "mtp_loss_depths": jnp.stack(per_depth) if per_depth else jnp.zeros((0,))}
+            "mtp_loss_depths": jnp.stack(per_depth) if per_depth else jnp.zeros((0,)),
+            **main_logs}
     return total, (logs, counts)
 
   return loss_fn
@@ -125,14 +146,19 @@ def update_router_biases(rest, counts: jax.Array, speed: float):
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: DeepseekConfig,
-                    tc: TrainConfig) -> Callable:
-  """step(state, batch [A, b, T+1] leaves) -> (state, metrics); A micro-batches (gradient
-  accumulation). The state is described in the module docstring. Not jitted here.
+                    tc: TrainConfig, *, main_loss: Callable | None = None,
+                    teach: Callable | None = None) -> Callable:
+  """step(state, batch [A, b, T+1] leaves, extra=None) -> (state, metrics); A micro-batches
+  (gradient accumulation). The state is described in the module docstring. Not jitted here.
+
+  `main_loss`: see `make_loss_fn`. `teach(extra, micro_batch) -> dict` runs on each micro-batch
+  before its gradient, outside it; its entries join the micro-batch (`main_loss` reads them).
   """
   # Differentiated with respect to the router biases too (their gradient is zero: they only steer
   # the discrete top-k choice, and it is discarded): nnx.scan refuses Variables that come from an
   # outer trace level, which a non-differentiated `rest` would be under a scanned model.
-  vg = jax.value_and_grad(make_loss_fn(graphdef, cfg, tc), argnums=(0, 1), has_aux=True)
+  vg = jax.value_and_grad(make_loss_fn(graphdef, cfg, tc, main_loss), argnums=(0, 1),
+                          has_aux=True)
 
   def grad_fn(params, rest, batch, frozen):
     value, (grads, _) = vg(params, rest, batch, frozen)
@@ -141,18 +167,21 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, cfg: DeepseekCon
   schedule = optim.schedule(tc.optim_config())
   has_bias = cfg.is_moe and cfg.topk_method == "noaux_tc"
 
-  def step(state, batch):
+  def step(state, batch, extra=None):
     params, rest, frozen = state["params"], state["rest"], state.get("frozen")
     batch = as_batch(batch)
     n_micro = batch["tokens"].shape[0]
 
+    def taught(b):
+      return b if teach is None else {**b, **jax.lax.stop_gradient(teach(extra, b))}
+
     def micro(carry, b):
-      (_, (logs, counts)), grads = grad_fn(params, rest, b, frozen)
+      (_, (logs, counts)), grads = grad_fn(params, rest, taught(b), frozen)
       acc = jax.tree.map(jnp.add, carry, (grads, logs, counts))
       return acc, None
 
     first = jax.tree.map(lambda a: a[0], batch)
-    zero = jax.eval_shape(lambda: grad_fn(params, rest, first, frozen))
+    zero = jax.eval_shape(lambda: grad_fn(params, rest, taught(first), frozen))
     zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zero[1], zero[0][1][0],
                                                                 zero[0][1][1]))
     if n_micro == 1:
