@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -128,13 +128,9 @@ def check_messages(messages: Any, *, need_reply: bool = True, where: str = "mess
   return out
 
 
-def read_conversations(path: str | os.PathLike, data_format: str) -> list[list[dict]]:
-  """Conversations from a JSONL file of `messages` rows (data_format "chat") or `prompt` /
-  `completion` rows ("prompt_completion"); errors name the file and line."""
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path}: no such file (expected JSONL chat data)")
-  out = []
+def jsonl_rows(path: str) -> Iterator[tuple[str, Any]]:
+  """(where, row) for each non-blank line of a JSONL file, `where` being "path:line"; a line
+  that is not JSON is a ValueError naming it."""
   with open(path, encoding="utf-8") as f:
     for n, line in enumerate(f, start=1):
       if not line.strip():
@@ -144,16 +140,27 @@ def read_conversations(path: str | os.PathLike, data_format: str) -> list[list[d
         row = json.loads(line)
       except json.JSONDecodeError as e:
         raise ValueError(f"{where}: not valid JSON ({e})") from e
-      if data_format == "prompt_completion":
-        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)
-                and isinstance(row.get("completion"), str)):
-          raise ValueError(f"{where}: expected {{\"prompt\": str, \"completion\": str}}")
-        out.append([{"role": "user", "content": row["prompt"]},
-                    {"role": "assistant", "content": row["completion"]}])
-      else:
-        if not isinstance(row, dict) or "messages" not in row:
-          raise ValueError(f"{where}: expected {{\"messages\": [...]}}")
-        out.append(check_messages(row["messages"], where=f"{where}: messages"))
+      yield where, row
+
+
+def read_conversations(path: str | os.PathLike, data_format: str) -> list[list[dict]]:
+  """Conversations from a JSONL file of `messages` rows (data_format "chat") or `prompt` /
+  `completion` rows ("prompt_completion"); errors name the file and line."""
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file (expected JSONL chat data)")
+  out = []
+  for where, row in jsonl_rows(path):
+    if data_format == "prompt_completion":
+      if not (isinstance(row, dict) and isinstance(row.get("prompt"), str)
+              and isinstance(row.get("completion"), str)):
+        raise ValueError(f"{where}: expected {{\"prompt\": str, \"completion\": str}}")
+      out.append([{"role": "user", "content": row["prompt"]},
+                  {"role": "assistant", "content": row["completion"]}])
+    else:
+      if not isinstance(row, dict) or "messages" not in row:
+        raise ValueError(f"{where}: expected {{\"messages\": [...]}}")
+      out.append(check_messages(row["messages"], where=f"{where}: messages"))
   if not out:
     raise ValueError(f"{path}: no conversations")
   return out

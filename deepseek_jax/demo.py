@@ -29,6 +29,7 @@ from deepseek_jax.pretrained import from_pretrained
 from deepseek_jax.tokenizer import ByteTokenizer
 from deepseek_jax.train_config import TrainConfig
 from deepseek_jax.trainer import train
+from deepseek_jax.workdir import clear_demo_workdir
 
 PROMPT = "def fibonacci(n):"
 
@@ -71,16 +72,7 @@ DEMO_ENTRIES = frozenset({"config.json", "checkpoints", "metrics.jsonl", "tensor
 
 def clear_workdir(workdir: str) -> None:
   """Empties an earlier demo's workdir; refuses (ValueError) one holding anything else."""
-  if not os.path.exists(workdir):
-    return
-  if not os.path.isdir(workdir):
-    raise ValueError(f"--workdir={workdir}: exists and is not a directory")
-  foreign = sorted(set(os.listdir(workdir)) - DEMO_ENTRIES)
-  if foreign:
-    raise ValueError(f"--workdir={workdir} holds {len(foreign)} entries a demo run does not write "
-                     f"(first: {foreign[0]!r}); the demo empties its workdir, so give it a new or "
-                     "empty directory, or an earlier demo's")
-  shutil.rmtree(workdir)
+  clear_demo_workdir(workdir, DEMO_ENTRIES, "demo")
 
 
 def run_demo(workdir: str, *, steps: int = 600, seq_len: int = 128, batch_per_device: int = 16,

@@ -25,7 +25,7 @@ from absl import app, flags
 
 from deepseek_jax import cli, sharding
 from deepseek_jax.distillation import DistillConfig, distill, write_traces
-from deepseek_jax.train_config import flag_specs, from_flag_values
+from deepseek_jax.train_config import define_flags, flag_specs, from_flag_values
 
 FLAGS = flags.FLAGS
 
@@ -33,14 +33,7 @@ _MODE = flags.DEFINE_enum("mode", "traces", ["traces", "logits"],
                           "traces: write the teacher's sampled answers; logits: train a student "
                           "on the teacher's logits.")
 # Every DistillConfig field is a flag; --data and --workdir are required by the logits mode only.
-for _spec in flag_specs(DistillConfig):
-  if _spec.kind == "enum":
-    flags.DEFINE_enum(_spec.name, _spec.default, list(_spec.choices), _spec.help)
-  elif _spec.kind in ("integer", "float"):
-    getattr(flags, f"DEFINE_{_spec.kind}")(_spec.name, _spec.default, _spec.help,
-                                           lower_bound=_spec.lower, upper_bound=_spec.upper)
-  else:
-    getattr(flags, f"DEFINE_{_spec.kind}")(_spec.name, _spec.default, _spec.help)
+define_flags(DistillConfig, required=False)
 _PROMPTS = flags.DEFINE_string("prompts", None, "traces: JSONL prompt rows.")
 _OUTPUT = flags.DEFINE_string("output", None, "traces: the JSONL file written.")
 _FORMAT = flags.DEFINE_enum("output_format", "messages", ["messages", "prompt_completion"],

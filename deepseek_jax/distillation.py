@@ -88,24 +88,16 @@ def read_prompts(path: str) -> list[list[dict]]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"--prompts={path}: no such file (expected JSONL prompt rows)")
   out = []
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      where = f"{path}:{n}"
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from e
-      if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-        out.append([{"role": "user", "content": row["prompt"]}])
-      elif isinstance(row, dict) and "messages" in row:
-        msgs = chat.check_messages(row["messages"], need_reply=False, where=f"{where}: messages")
-        if msgs[-1]["role"] != "user":
-          raise ValueError(f"{where}: messages must end with a user message (the prompt)")
-        out.append(msgs)
-      else:
-        raise ValueError(f"{where}: expected {{\"prompt\": str}} or {{\"messages\": [...]}}")
+  for where, row in chat.jsonl_rows(path):
+    if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+      out.append([{"role": "user", "content": row["prompt"]}])
+    elif isinstance(row, dict) and "messages" in row:
+      msgs = chat.check_messages(row["messages"], need_reply=False, where=f"{where}: messages")
+      if msgs[-1]["role"] != "user":
+        raise ValueError(f"{where}: messages must end with a user message (the prompt)")
+      out.append(msgs)
+    else:
+      raise ValueError(f"{where}: expected {{\"prompt\": str}} or {{\"messages\": [...]}}")
   if not out:
     raise ValueError(f"--prompts={path}: no prompts")
   return out

@@ -15,21 +15,11 @@ from absl import app, flags
 from deepseek_jax import cli
 from deepseek_jax.grpo_config import GRPOConfig
 from deepseek_jax.grpo_trainer import run
-from deepseek_jax.train_config import flag_specs, from_flag_values
+from deepseek_jax.train_config import define_flags, flag_specs, from_flag_values
 
 FLAGS = flags.FLAGS
 
-for _spec in flag_specs(GRPOConfig):
-  if _spec.kind == "enum":
-    flags.DEFINE_enum(_spec.name, _spec.default, list(_spec.choices), _spec.help,
-                      required=_spec.required)
-  elif _spec.kind in ("integer", "float"):
-    getattr(flags, f"DEFINE_{_spec.kind}")(_spec.name, _spec.default, _spec.help,
-                                           lower_bound=_spec.lower, upper_bound=_spec.upper,
-                                           required=_spec.required)
-  else:
-    getattr(flags, f"DEFINE_{_spec.kind}")(_spec.name, _spec.default, _spec.help,
-                                           required=_spec.required)
+define_flags(GRPOConfig)
 
 
 def main(argv):

@@ -13,31 +13,20 @@ import math
 from typing import Any
 
 from deepseek_jax import optim
-from deepseek_jax.config import LORA_TARGETS, MOE_DISPATCHES
+from deepseek_jax.config import LORA_TARGETS
 from deepseek_jax.grpo_loss import LOSS_TYPES
+from deepseek_jax.train_config import ModelFields, _f
 
 PROMPT_FORMATS = ("chat", "raw")
 
 
-def _f(default, help: str, **meta):  # noqa: A002 - the flag's help text
-  return dataclasses.field(default=default, metadata={"help": help, **meta})
-
-
 @dataclasses.dataclass(frozen=True)
-class GRPOConfig:
+class GRPOConfig(ModelFields):
   """Everything a GRPO run needs (see the module docstring and `grpo_trainer`)."""
 
-  # model (TrainConfig's names)
-  preset: str | None = _f(None, "Model preset name (deepseek_jax.presets).")
-  config_json: str | None = _f(None, "Hugging Face style config.json (file or directory).")
+  # model: ModelFields (TrainConfig's names), init_from's help its own
   init_from: str | None = _f(None, "The policy's starting point: released safetensors, one of "
                              "our Orbax checkpoints, or a trainer workdir (an SFT warm-up).")
-  moe_dispatch: str | None = _f(None, "Override the config's MoE dispatch.",
-                                choices=MOE_DISPATCHES)
-  scan_layers: bool | None = _f(None, "Override the config's scan_layers.")
-  remat: bool = _f(False, "Recompute layer activations in the backward pass.")
-  compute_dtype: str = _f("float32", "Compute dtype (trained parameters stay float32).",
-                          choices=("float32", "bfloat16"))
   lora_rank: int = _f(0, "LoRA adapters of this rank; only they are trained, and the reference "
                       "is the model with them switched off (0: train every weight; the "
                       "reference is a frozen copy).")

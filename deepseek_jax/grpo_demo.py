@@ -35,6 +35,7 @@ from deepseek_jax.pretrained import from_pretrained
 from deepseek_jax.tokenizer import ByteTokenizer
 from deepseek_jax.train_config import TrainConfig
 from deepseek_jax.trainer import train
+from deepseek_jax.workdir import clear_demo_workdir
 
 # Tiny DeepSeek-V3 over bytes (ids 256/257/258 are bos/eos/pad, 264 rounds up to 8): MLA, one
 # dense layer, then MoE layers of 8 routed experts (top-2 within 2 of 4 groups) and a shared one.
@@ -56,16 +57,7 @@ DEMO_ENTRIES = frozenset({"config.json", "sft.jsonl", "prompts.jsonl", "sft", "g
 
 def clear_workdir(workdir: str) -> None:
   """Empties an earlier GRPO demo's workdir; refuses (ValueError) one holding anything else."""
-  if not os.path.exists(workdir):
-    return
-  if not os.path.isdir(workdir):
-    raise ValueError(f"--workdir={workdir}: exists and is not a directory")
-  foreign = sorted(set(os.listdir(workdir)) - DEMO_ENTRIES)
-  if foreign:
-    raise ValueError(f"--workdir={workdir} holds {len(foreign)} entries a GRPO demo run does not "
-                     f"write (first: {foreign[0]!r}); the demo empties its workdir, so give it a "
-                     "new or empty directory, or an earlier GRPO demo's")
-  shutil.rmtree(workdir)
+  clear_demo_workdir(workdir, DEMO_ENTRIES, "GRPO demo")
 
 
 def _echo(msg: str) -> None:

@@ -41,7 +41,7 @@ from deepseek_jax.dtypes import from_name
 from deepseek_jax.generation import Generation, generate
 from deepseek_jax.grpo_config import GRPOConfig
 from deepseek_jax.sampling import SamplingParams
-from deepseek_jax.trainer import build_model, make_mesh, model_config, split_state
+from deepseek_jax.trainer import build_model, close_run, make_mesh, model_config, split_state
 from deepseek_jax.workdir import Checkpointer
 
 SAVED = ("params", "rest", "opt_state", "step")
@@ -330,11 +330,7 @@ def run(gc: GRPOConfig, *, echo: Callable[[str], None] = _echo,
         if step_no % gc.save_every == 0 or step_no == gc.steps:
           ckpt.save(step_no, {k: state[k] for k in SAVED}, position, cfg, run_meta(gc, cfg))
     finally:
-      bar.close()
-      ckpt.close()
-      writer.close()
-      if tb:
-        tb.close()
+      close_run(bar, ckpt, writer, tb)
   echo(f"step {last.get('step')}: reward {last.get('reward_mean', float('nan')):.4f}")
   return last
 

@@ -41,6 +41,17 @@ import time
 
 CGROUP_PIDS = ("/sys/fs/cgroup/pids", "/sys/fs/cgroup")  # cgroup v1 pids hierarchy, v2 root
 
+# unshare(2) for the launcher and the probe (os.unshare is Python 3.12+). Needs ctypes and os.
+_UNSHARE = r"""
+def unshare(flags):
+  if hasattr(os, "unshare"):
+    os.unshare(flags)
+    return
+  libc = ctypes.CDLL(None, use_errno=True)
+  if libc.unshare(flags) != 0:
+    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+"""
+
 # The launcher: trusted code in a fresh single-threaded process. argv: limits as JSON, the pids
 # cgroup to join ("" for none), then the command to exec.
 _LAUNCHER = r"""
@@ -49,13 +60,7 @@ lim = json.loads(sys.argv[1])
 if sys.argv[2]:
   with open(os.path.join(sys.argv[2], "cgroup.procs"), "w") as f:
     f.write(str(os.getpid()))
-def unshare(flags):
-  if hasattr(os, "unshare"):
-    os.unshare(flags)
-    return
-  libc = ctypes.CDLL(None, use_errno=True)
-  if libc.unshare(flags) != 0:
-    raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+""" + _UNSHARE + r"""
 for flags in (0x40000000, 0x40000000 | 0x10000000):  # netns; userns + netns (unprivileged)
   try:
     unshare(flags)
@@ -263,13 +268,7 @@ def _network_mode() -> str:
 
 _PROBE = r"""
 import ctypes, os
-def unshare(flags):
-  if hasattr(os, "unshare"):
-    os.unshare(flags)
-    return
-  libc = ctypes.CDLL(None, use_errno=True)
-  if libc.unshare(flags) != 0:
-    raise OSError(ctypes.get_errno(), "unshare")
+""" + _UNSHARE + r"""
 for flags, name in ((0x40000000, "netns"), (0x40000000 | 0x10000000, "userns+netns")):
   try:
     unshare(flags)

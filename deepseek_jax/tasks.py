@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -33,16 +33,11 @@ def addition_rows(n: int, *, digits: int = 2, digits_b: int | None = None, seed:
   if n > free:
     raise ValueError(f"addition_rows: only {free} distinct problems left "
                      f"({digits}-digit + {digits_b}-digit, {len(seen)} excluded), asked for {n}")
-  rng = np.random.Generator(np.random.PCG64(seed))
-  rows = []
-  while len(rows) < n:
+
+  def draw(rng):
     a, b = int(rng.integers(0, top)), int(rng.integers(0, top_b))
-    prompt = f"{a}+{b}="
-    if prompt in seen:
-      continue
-    seen.add(prompt)
-    rows.append({"prompt": prompt, "answer": str(a + b)})
-  return rows
+    return f"{a}+{b}=", str(a + b)
+  return _distinct_rows(n, seed, seen, draw)
 
 
 def sort_rows(n: int, *, length: int = 4, seed: int = 0,
@@ -57,15 +52,25 @@ def sort_rows(n: int, *, length: int = 4, seed: int = 0,
   if n > free:
     raise ValueError(f"sort_rows: only {free} distinct lists of {length} digits left, asked "
                      f"for {n}")
+
+  def draw(rng):
+    digits = [int(d) for d in rng.integers(0, 10, size=length)]
+    return "sort " + " ".join(map(str, digits)), "".join(map(str, sorted(digits)))
+  return _distinct_rows(n, seed, seen, draw)
+
+
+def _distinct_rows(n: int, seed: int, seen: set[str],
+                   draw: Callable[[np.random.Generator], tuple[str, str]]) -> list[dict[str, str]]:
+  """`n` rows {"prompt", "answer"} from `draw(rng)` (rng seeded by `seed`), skipping the prompts
+  in `seen` (which collects the new ones)."""
   rng = np.random.Generator(np.random.PCG64(seed))
   rows = []
   while len(rows) < n:
-    digits = [int(d) for d in rng.integers(0, 10, size=length)]
-    prompt = "sort " + " ".join(map(str, digits))
+    prompt, answer = draw(rng)
     if prompt in seen:
       continue
     seen.add(prompt)
-    rows.append({"prompt": prompt, "answer": "".join(map(str, sorted(digits)))})
+    rows.append({"prompt": prompt, "answer": answer})
   return rows
 
 

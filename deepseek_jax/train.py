@@ -10,22 +10,12 @@ from __future__ import annotations
 from absl import app, flags
 
 from deepseek_jax import cli
-from deepseek_jax.train_config import flag_specs, from_flag_values
+from deepseek_jax.train_config import define_flags, flag_specs, from_flag_values
 from deepseek_jax.trainer import train
 
 FLAGS = flags.FLAGS
 
-for _spec in flag_specs():
-  if _spec.kind == "enum":
-    flags.DEFINE_enum(_spec.name, _spec.default, list(_spec.choices), _spec.help,
-                      required=_spec.required)
-  elif _spec.kind in ("integer", "float"):
-    getattr(flags, f"DEFINE_{_spec.kind}")(_spec.name, _spec.default, _spec.help,
-                                           lower_bound=_spec.lower, upper_bound=_spec.upper,
-                                           required=_spec.required)
-  else:
-    getattr(flags, f"DEFINE_{_spec.kind}")(_spec.name, _spec.default, _spec.help,
-                                           required=_spec.required)
+define_flags()
 
 
 def main(argv):

@@ -10,9 +10,14 @@ import dataclasses
 import typing
 from typing import Any
 
+from absl import flags
+
 from deepseek_jax import data as data_lib
 from deepseek_jax import optim
 from deepseek_jax.config import LORA_TARGETS, MOE_DISPATCHES
+
+# The flags `define_flags` defines are its caller's key flags (its --helpshort), not this module's.
+flags.disclaim_key_flags()
 
 DATA_FORMATS = ("text", "chat", "prompt_completion")
 BASE_DTYPES = ("float32", "bfloat16", "int8", "fp8")
@@ -23,10 +28,9 @@ def _f(default, help: str, **meta):  # noqa: A002 - the flag's help text
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Everything a run needs (see the module docstring)."""
+class ModelFields:
+  """The model fields (and flags) that `TrainConfig` and `GRPOConfig` share, first in both."""
 
-  # model
   preset: str | None = _f(None, "Model preset name (deepseek_jax.presets).")
   config_json: str | None = _f(None, "Hugging Face style config.json (file or directory).")
   init_from: str | None = _f(None, "Released safetensors directory, one of our Orbax "
@@ -37,6 +41,13 @@ class TrainConfig:
   remat: bool = _f(False, "Recompute layer activations in the backward pass.")
   compute_dtype: str = _f("float32", "Compute dtype (trained parameters stay float32).",
                           choices=("float32", "bfloat16"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(ModelFields):
+  """Everything a run needs (see the module docstring)."""
+
+  # model: ModelFields' fields
   # fine-tuning
   lora_rank: int = _f(0, "LoRA adapters of this rank on --lora_targets; only they are trained "
                       "(0: train every weight).", lower=0)
@@ -164,6 +175,21 @@ def flag_specs(cls=TrainConfig) -> list[FlagSpec]:
                         bool(f.metadata.get("required")), f.metadata.get("lower"),
                         f.metadata.get("upper")))
   return out
+
+
+def define_flags(cls=TrainConfig, *, required: bool = True) -> None:
+  """An absl flag for each of `flag_specs(cls)`; `required=False` leaves every flag optional
+  whatever its field says."""
+  for spec in flag_specs(cls):
+    req = spec.required and required
+    if spec.kind == "enum":
+      flags.DEFINE_enum(spec.name, spec.default, list(spec.choices), spec.help, required=req)
+    elif spec.kind in ("integer", "float"):
+      getattr(flags, f"DEFINE_{spec.kind}")(spec.name, spec.default, spec.help,
+                                            lower_bound=spec.lower, upper_bound=spec.upper,
+                                            required=req)
+    else:
+      getattr(flags, f"DEFINE_{spec.kind}")(spec.name, spec.default, spec.help, required=req)
 
 
 def from_flag_values(values: dict[str, Any], cls=TrainConfig):

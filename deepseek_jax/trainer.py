@@ -225,6 +225,16 @@ def _host_metrics(logs: dict, cfg: DeepseekConfig) -> dict[str, Any]:
   return rec
 
 
+def close_run(bar, ckpt: Checkpointer, writer: metrics_lib.JsonlWriter, tb) -> None:
+  """Closes a run's progress bar, checkpointer, metrics.jsonl writer and TensorBoard writer
+  (None when off), in that order."""
+  bar.close()
+  ckpt.close()
+  writer.close()
+  if tb:
+    tb.close()
+
+
 def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, Any]:
   """Trains (or resumes) as `tc` says; returns the last logged metrics."""
   if not tc.workdir:
@@ -390,10 +400,6 @@ def train(tc: TrainConfig, *, echo: Callable[[str], None] = _echo) -> dict[str, 
       if pending is not None:
         read(*pending)
     finally:
-      bar.close()
-      ckpt.close()
-      writer.close()
-      if tb:
-        tb.close()
+      close_run(bar, ckpt, writer, tb)
   echo(f"step {last.get('step')}: loss {last.get('loss', float('nan')):.4f}")
   return last

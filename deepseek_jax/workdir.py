@@ -13,6 +13,7 @@ The state item's tree is {"params": {<path>: {"value": array}}, "rest": {...}, "
 from __future__ import annotations
 
 import os
+import shutil
 from typing import Any, Mapping
 
 import jax
@@ -203,3 +204,18 @@ def read_params(path: str | os.PathLike, targets: Mapping[str, jax.ShapeDtypeStr
         partial_restore=True))
   by_key = flatten(out)
   return {p: by_key[stored[p]] for p in targets}
+
+
+def clear_demo_workdir(workdir: str, entries: frozenset[str], what: str) -> None:
+  """Empties an earlier `what` run's workdir (holding only `entries`, what such a run writes);
+  refuses (ValueError) one holding anything else."""
+  if not os.path.exists(workdir):
+    return
+  if not os.path.isdir(workdir):
+    raise ValueError(f"--workdir={workdir}: exists and is not a directory")
+  foreign = sorted(set(os.listdir(workdir)) - entries)
+  if foreign:
+    raise ValueError(f"--workdir={workdir} holds {len(foreign)} entries a {what} run does not "
+                     f"write (first: {foreign[0]!r}); the demo empties its workdir, so give it a "
+                     f"new or empty directory, or an earlier {what}'s")
+  shutil.rmtree(workdir)
