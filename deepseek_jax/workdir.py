@@ -4,7 +4,9 @@
 the train state, the data position and a JSON meta record holding the model config). The readers
 below take a workdir apart for loading, without building a model: its latest config, and any of
 its variables straight into given shardings (each device reads only its slices). A step's own
-directory (`<workdir>/checkpoints/<step>`) reads that step.
+directory (`<workdir>/checkpoints/<step>`) reads that step. They read the state item through
+Orbax's item handler, not a Checkpointer: a Checkpointer looks for the step's metadata file inside
+the item directory and logs a warning for each read.
 
 The state item's tree is {"params": {<path>: {"value": array}}, "rest": {...}, "opt_state",
 "step"}: NNX variables (parameters in "params", router biases in "rest") by dotted path.
@@ -18,6 +20,7 @@ from typing import Any, Mapping
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from deepseek_jax.config import DeepseekConfig
 from deepseek_jax.params import STACKS, flatten, unflatten
@@ -150,7 +153,11 @@ def _open(path: str | os.PathLike) -> tuple[Checkpointer, int]:
 
 def _stored_paths(state_dir: str) -> dict[str, str]:
   """{our dotted path: the Orbax key path} of every parameter and router bias in a state item."""
-  tree = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(epath.Path(state_dir)).tree
+  finally:
+    handler.close()
   out = {}
   for key in flatten({k: tree[k] for k in ("params", "rest") if k in tree}):
     ours = key.split(".", 1)[1]
@@ -198,10 +205,13 @@ def read_params(path: str | os.PathLike, targets: Mapping[str, jax.ShapeDtypeStr
     raise KeyError(f"{path}: variables {missing[:4]}{'…' if len(missing) > 4 else ''} are not "
                    f"in its checkpoint {state_dir} (a different model config?)")
   tree = unflatten({stored[p]: t for p, t in targets.items()})
-  with ocp.PyTreeCheckpointer() as c:
-    out = c.restore(state_dir, args=ocp.args.PyTreeRestore(
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    out = handler.restore(epath.Path(state_dir), args=ocp.args.PyTreeRestore(
         item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
         partial_restore=True))
+  finally:
+    handler.close()
   by_key = flatten(out)
   return {p: by_key[stored[p]] for p in targets}
 

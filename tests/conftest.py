@@ -6,13 +6,30 @@ never skipped in silence. Tests that only need a released-layout checkpoint on d
 marked: without torch, hf_reference.save_hf writes it with numpy.
 
 A torch-less run that still selects a marked test stops at collection, naming it.
+
+Compiles: the session gets one persistent XLA compilation cache (a temporary directory, removed at
+exit, unless JAX_COMPILATION_CACHE_DIR is set), which the subprocesses tests start inherit. A
+kill-and-restart test compiles its training step three times, a sharded worker each mesh's model
+for every test that starts one: with the cache only the first compile of a program is paid.
+Measured on three slow files (train_resume, train_parallel, grpo_train): 383 s -> 205 s.
 """
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
+import os
+import shutil
+import tempfile
 
 import pytest
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="dsj-xla-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 
 def pytest_collection_finish(session):

@@ -3,6 +3,7 @@ terminal it prints a line per logged interval, and the paths it prints load."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 
@@ -13,7 +14,7 @@ from deepseek_jax.pretrained import from_pretrained
 from deepseek_jax.tokenizer import ByteTokenizer, tokenizer_for_model
 
 
-def test_demo_runs_end_to_end(tmp_path, capsys):
+def test_demo_runs_end_to_end(tmp_path, capsys, caplog):
   out = demo.run_demo(str(tmp_path / "demo"), steps=12, seq_len=32, batch_per_device=4,
                       max_corpus_mb=1, new_tokens=8)
   captured = capsys.readouterr()
@@ -31,3 +32,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
   ids = [[1, 2, 3]]
   np.testing.assert_array_equal(np.asarray(a(ids)), np.asarray(b(ids)))
   assert isinstance(tokenizer_for_model(model_dir, a.cfg.vocab_size), ByteTokenizer)
+  # nothing for the user to wonder about: no Orbax warning (reading a step's state item through
+  # a Checkpointer warned of a missing metadata file at every load)
+  warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert not warned, warned
