@@ -11,7 +11,8 @@ Compiles: the session gets one persistent XLA compilation cache (a temporary dir
 exit, unless JAX_COMPILATION_CACHE_DIR is set), which the subprocesses tests start inherit. A
 kill-and-restart test compiles its training step three times, a sharded worker each mesh's model
 for every test that starts one: with the cache only the first compile of a program is paid.
-Measured on three slow files (train_resume, train_parallel, grpo_train): 383 s -> 205 s.
+Measured on three slow files (train_resume, train_parallel, grpo_train) on a shared machine:
+CPU time 314 s -> 210 s, wall 383 s -> 205 s.
 """
 
 from __future__ import annotations
