@@ -326,7 +326,7 @@ def iter_hf(ckpt: HFCheckpoint, targets: Targets, *, keep_fp8: bool = False,
                   jax.device_put(ckpt.read_scales(entry), _replicated_like(sharding))))
     return out
 
-  def full(pending, nbytes: int, nxt: names.Entry) -> bool:
+  def full(pending, nbytes: int) -> bool:
     if not pending:
       return False
     if lookahead_bytes is None:
@@ -341,7 +341,7 @@ def iter_hf(ckpt: HFCheckpoint, targets: Targets, *, keep_fp8: bool = False,
       while nxt is not None or pending:
         while nxt is not None:
           nbytes = _target_bytes(targets[nxt.ours])
-          if full(pending, nbytes, nxt):
+          if full(pending, nbytes):
             break
           pending.append((nxt, pool.submit(load, nxt), nbytes))
           nxt = next(entries, None)

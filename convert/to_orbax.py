@@ -41,10 +41,10 @@ def convert(hf_dir: str | os.PathLike, output_dir: str | os.PathLike, *, dtype=j
 
   Parameters are saved in groups of G = max(largest parameter, MIN_GROUP_BYTES) bytes (target
   dtype), one group written in the background while the next is gathered and up to G more bytes
-  are read and cast ahead in threads (`workers`; 1 loads one parameter at a time). The tokenizer's files
-  (`tokenizer.TOKENIZER_FILES`) are copied along. An `output_dir` that is, contains
-  or lies inside `hf_dir` is refused, and so are NaN or Inf weights or FP8 scales, named,
-  unless `allow_nonfinite`.
+  are read and cast ahead in threads (`workers`; 1 loads one parameter at a time, the same bits).
+  The tokenizer's files (`tokenizer.TOKENIZER_FILES`) are copied along. An `output_dir` that is,
+  contains or lies inside `hf_dir` is refused, and so are NaN or Inf weights or FP8 scales,
+  named, unless `allow_nonfinite`.
   """
   check_apart(output_dir, {"hf_dir": hf_dir})
   with HFCheckpoint(hf_dir, allow_nonfinite=allow_nonfinite) as ckpt:
