@@ -67,7 +67,9 @@ test-current: .venv-current/.test
 	@.venv-current/bin/python .ci/versions.py current | tee $(LOGS)/current.log
 	$(call pytest,.venv-current) -m "not torch" | tee -a $(LOGS)/current.log
 
-test: .venv-oldest/.test .venv-current/.test
+# The two venvs install side by side too (pip mostly waits on unpacking and the disk).
+test:
+	@$(MAKE) --no-print-directory -j2 .venv-oldest/.test .venv-current/.test
 	@mkdir -p $(LOGS); start=$$(date +%s); \
 	for s in oldest current; do \
 	  ( rc=0; $(MAKE) --no-print-directory test-$$s > $(LOGS)/$$s.out 2>&1 || rc=$$?; \
