@@ -13,7 +13,8 @@ Two equal ways to compute it:
 - absorbed: fold W_uk into the query (q_lat,h = W_uk,hᵀ q_nope,h), attend over the latent itself,
   and apply W_uv after the weighted sum; only c_kv and k_pe are ever read (decoding). A decode
   step (one token per sequence) can run it through the Pallas flash-decoding kernel
-  (`cfg.mla_decode`; by default on TPUs and GPUs).
+  (`cfg.mla_decode`; by default on TPUs and GPUs); elsewhere `attend_step` reads the cache once
+  per product as it came in and writes the token's latents in place after.
 
 Legend: B batch, T query length, S key length, D hidden, H heads, C kv_lora_rank,
 N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim.
