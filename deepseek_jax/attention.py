@@ -13,7 +13,8 @@ Two equal ways to compute it:
 - absorbed: fold W_uk into the query (q_lat,h = W_uk,hᵀ q_nope,h), attend over the latent itself,
   and apply W_uv after the weighted sum; only c_kv and k_pe are ever read (decoding). A decode
   step (one token per sequence) can run it through the Pallas flash-decoding kernel
-  (`cfg.mla_decode`; by default on TPUs and GPUs).
+  (`cfg.mla_decode`; by default on TPUs and GPUs); elsewhere `attend_step` reads the cache once
+  per product as it came in and writes the token's latents in place after.
 
 Legend: B batch, T query length, S key length, D hidden, H heads, C kv_lora_rank,
 N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim.
@@ -155,6 +156,40 @@ class MLAttention(nnx.Module):
     o_lat = jnp.einsum("bhts,bsc->bthc", probs.astype(c_kv.dtype), c_kv)  # [B, T, H, C]
     return jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
 
+  def attend_step(self, q_nope, q_pe, c_new, k_new, cache: LayerCache, positions
+                  ) -> tuple[jax.Array, LayerCache]:
+    """Absorbed MLA for one new token per sequence (a decode step on the XLA path): attends the
+    cache slots before its position and itself, then writes its latents into the cache in place.
+    Returns [B, 1, H, V] (what `attend_absorbed` gives over the written cache) and the cache.
+
+    Why not write first and attend over the written cache: XLA:CPU then duplicates the write at
+    batch 1 (one in-place update for the returned cache, one fused into the score product's
+    operand), each on its own full copy of the layer's cache, and transposes the cache for the
+    value product. Here the products read the cache as it came in, once each, in its own layout
+    [B, S, C], and the new token's own score and value come from c_new and k_new. XLA orders an
+    in-place write after the reads of its operand only when they are its data ancestors (CPU
+    drops optimization barriers before copy insertion), else it copies the cache; so the write's
+    positions depend on the attention output through a term that is always 0 (no value is above
+    +inf, NaN compares false).
+    """
+    w_uk, w_uv = self._w_kv_b()
+    c_kv, k_pe = cache.c_kv.astype(self.dtype), cache.k_pe.astype(self.dtype)  # [B, S, C|R]
+    q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w_uk)  # [B, 1, H, C]
+    f32 = dict(preferred_element_type=jnp.float32)
+    old = (jnp.einsum("bthc,bsc->bhts", q_lat, c_kv, **f32)
+           + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, **f32))      # [B, H, 1, S]
+    own = (jnp.einsum("bthc,btc->bht", q_lat, c_new, **f32)
+           + jnp.einsum("bthr,btr->bht", q_pe, k_new, **f32))[..., None]  # [B, H, 1, 1]
+    before = jnp.arange(c_kv.shape[1], dtype=positions.dtype)[None] < positions  # [B, S]
+    old = jnp.where(before[:, None, None], old, _NEG_INF)
+    probs = jax.nn.softmax(jnp.concatenate([old, own], axis=-1) * self.cfg.softmax_scale,
+                           axis=-1)                                  # [B, H, 1, S+1] float32
+    o_lat = (jnp.einsum("bhts,bsc->bhtc", probs[..., :-1].astype(c_kv.dtype), c_kv)
+             + probs[..., -1:].astype(c_new.dtype) * c_new[:, None])  # [B, H, 1, C]
+    after = (o_lat[:, 0, :, 0] > jnp.inf).astype(positions.dtype)   # [B, 1], always 0
+    return jnp.einsum("bhtc,chv->bthv", o_lat, w_uv), write_cache(cache, c_new, k_new,
+                                                                  positions + after)
+
   def attend_decode_kernel(self, q_nope, q_pe, c_kv, k_pe, lengths) -> jax.Array:
     """Absorbed MLA for one new token per sequence through the Pallas flash-decoding kernel
     (`kernels_pallas.mla_decode_attention`): attends cache slots [0, lengths[b]). Returns
@@ -190,6 +225,9 @@ class MLAttention(nnx.Module):
     c_kv, k_pe = self.latents(x, cos, sin)
     if cache is None:
       mask = attention_mask(positions, positions) if mask is None else mask
+    elif absorb and x.shape[1] == 1 and not use_decode_kernel(self.cfg):
+      o, cache = self.attend_step(q_nope, q_pe, c_kv, k_pe, cache, positions)
+      return self.output(o), cache
     else:
       cache = write_cache(cache, c_kv, k_pe, positions)
       c_kv, k_pe = cache.c_kv.astype(self.dtype), cache.k_pe.astype(self.dtype)
