@@ -174,6 +174,9 @@ class MLAttention(nnx.Module):
     """
     w_uk, w_uv = self._w_kv_b()
     c_kv, k_pe = cache.c_kv.astype(self.dtype), cache.k_pe.astype(self.dtype)  # [B, S, C|R]
+    # the token's own latents as the cache will hold them (rounded to its dtype, if another)
+    c_new = c_new.astype(cache.c_kv.dtype).astype(self.dtype)  # [B, 1, C]
+    k_new = k_new.astype(cache.k_pe.dtype).astype(self.dtype)  # [B, 1, R]
     q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w_uk)  # [B, 1, H, C]
     f32 = dict(preferred_element_type=jnp.float32)
     old = (jnp.einsum("bthc,bsc->bhts", q_lat, c_kv, **f32)
