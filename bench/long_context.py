@@ -6,13 +6,15 @@ whole cache at every step (`expand_kv`: kv_b_proj over all S cached tokens); the
 folds W_uk into the query and W_uv after the weighted sum, and reads only the latent.
 
   python bench/long_context.py [--quick] [--contexts 2048,8192,32768] [--batches 1,8]
-  python bench/long_context.py --profile_step --contexts 8192 --batches 1
+  python bench/long_context.py --profile_step --contexts 8192 --batches 1 [--scan_layers] [--layers 4]
 
 --profile_step (ours only): one jitted decode step (`model.forward` over the cache, absorbed, the
 cache donated as the decode loop donates its carry) at each context and batch: its time, XLA's
 cost analysis (FLOPs, bytes accessed) beside the cache's own bytes, and the ops of the optimized
-HLO whose result is as large as one layer's latent or rope-key cache (tests/hlo_ops.py: an
-in-place update per array is the floor; copies and transposes are what issue 17 removed).
+HLO whose result is as large as one layer's latent or rope-key cache, or with --scan_layers as a
+layer stack's (tests/hlo_ops.py: an in-place update per array is the floor; copies and
+transposes are what issue 17 removed). --scan_layers runs the layers as stacks under a scan
+(`DeepseekConfig.scan_layers`); --layers sets their number (the first stays dense).
 
 What is timed: `new - 1` greedy one-token decode steps after a cache of `context` tokens (ours:
 the jitted decode loop; theirs: forwards through its DynamicCache, what `generate` does minus its
@@ -108,7 +110,7 @@ class Theirs:
     self.hf, self.new, self.context = hf, new, context
     g = torch.Generator().manual_seed(0)
     self.cache = DynamicCache(config=hf.config)
-    for layer in range(CFG.num_hidden_layers):
+    for layer in range(hf.config.num_hidden_layers):
       self.cache.update(torch.randn(batch, 1, context, CFG.kv_lora_rank, generator=g),
                         torch.randn(batch, 1, context, CFG.qk_rope_head_dim, generator=g), layer)
     self.cache_bytes = sum(t.nelement() * t.element_size() for layer in self.cache.layers
@@ -181,7 +183,10 @@ def profile_step(model, batch: int, context: int, repeats: int) -> list:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   one_layer = {batch * (context + 16) * w for w in (CFG.kv_lora_rank, CFG.qk_rope_head_dim)}
-  ops = whole_cache_ops(compiled.as_text(), one_layer)
+  stacks = {1}  # layers per stack: a stack's cache array is that many layers' arrays
+  if model.cfg.scan_layers:
+    stacks = {s.input_layernorm.scale.shape[0] for s in model.stacks()}
+  ops = whole_cache_ops(compiled.as_text(), {n * a for n in stacks for a in one_layer})
   cache_mb = generation.cache_bytes(cache) / 1e6
   return [context, batch, statistics.median(times) * 1e3, cost.get("flops", 0) / 1e6,
           cost.get("bytes accessed", 0) / 1e6, cache_mb,
@@ -196,6 +201,9 @@ def main():
   ap.add_argument("--new", type=int, default=9, help="tokens per run (new - 1 timed steps)")
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--profile_step", action="store_true", help="ours only: one step's profile")
+  ap.add_argument("--scan_layers", action="store_true", help="ours: the layers as scanned stacks")
+  ap.add_argument("--layers", type=int, default=CFG.num_hidden_layers,
+                  help="decoder layers (the first dense, the rest MoE)")
   args = ap.parse_args()
   if args.quick:
     args.contexts, args.repeats = "2048,8192", 1
@@ -203,14 +211,15 @@ def main():
   torch.set_num_threads(2)
   from hf_reference import save_hf  # noqa: E402
   with tempfile.TemporaryDirectory() as d:
-    hf = save_hf(CFG, d, seed=0)
+    hf = save_hf(CFG.replace(num_hidden_layers=args.layers), d, seed=0)
     hf.config.use_cache = True
-    model = from_pretrained(d, dtype=jnp.float32)
+    model = from_pretrained(d, dtype=jnp.float32, scan_layers=args.scan_layers)
   if args.profile_step:
     prof = [profile_step(model, int(b), int(c), args.repeats) for c in args.contexts.split(",")
             for b in args.batches.split(",")]
     print(common.table(["context", "batch", "ms per step", "MFLOP", "MB accessed (XLA)",
-                        "cache MB", "ops producing a whole layer's cache array"], prof))
+                        "cache MB", "ops producing a whole layer's (or stack's) cache array"],
+                       prof))
     return
   rows, runs = [], []
   for context in (int(c) for c in args.contexts.split(",")):
@@ -223,7 +232,8 @@ def main():
                    a["cache_bytes"] / 2**20, b["cache_bytes"] / 2**20 if b else "-",
                    r["skip"] or ""])
       print(f"context {context} batch {batch}: {rows[-1]}", file=sys.stderr, flush=True)
-  print(f"config: hidden {CFG.hidden_size}, {CFG.num_hidden_layers} layers, "
+  print(f"config: hidden {CFG.hidden_size}, {args.layers} layers"
+        f"{' (scanned)' if args.scan_layers else ''}, "
         f"{CFG.num_attention_heads} heads, kv_lora_rank {CFG.kv_lora_rank}, rope "
         f"{CFG.qk_rope_head_dim}, nope {CFG.qk_nope_head_dim}, v {CFG.v_head_dim}, "
         f"{CFG.n_routed_experts} experts top-{CFG.num_experts_per_tok}; {args.new - 1} timed "

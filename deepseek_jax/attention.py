@@ -14,7 +14,8 @@ Two equal ways to compute it:
   and apply W_uv after the weighted sum; only c_kv and k_pe are ever read (decoding). A decode
   step (one token per sequence) can run it through the Pallas flash-decoding kernel
   (`cfg.mla_decode`; by default on TPUs and GPUs); elsewhere `attend_step` reads the cache once
-  per product as it came in and writes the token's latents in place after.
+  per product as it came in, and the token's latents are written in place after (into the
+  layer's cache, or under `scan_layers` into the stack's carried cache: `StackedLayerCache`).
 
 Legend: B batch, T query length, S key length, D hidden, H heads, C kv_lora_rank,
 N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim.
@@ -40,17 +41,48 @@ class LayerCache(NamedTuple):
   c_kv: jax.Array  # [B, S, C]
   k_pe: jax.Array  # [B, S, R]
 
+  def read(self) -> LayerCache:
+    """The layer's cache to attend over: itself."""
+    return self
+
+  def write(self, c_kv: jax.Array, k_pe: jax.Array, positions: jax.Array) -> LayerCache:
+    """The cache with the tokens' latents [B, T, C|R] at their positions [B, T]."""
+    return write_cache(self, c_kv, k_pe, positions)
+
+
+class StackedLayerCache(NamedTuple):
+  """Layer `layer` of a layer stack's cache, as the scan over stacked layers carries it
+  (`model._scan_stack`): reads give that layer's [B, S, C|R] view, writes go into the stacked
+  buffer in place. (A scan that took the stacked cache as per-layer inputs and gave it back as
+  per-layer outputs would build a fresh stacked buffer and copy into it at every step.) On
+  XLA:CPU the view is itself a copy of the layer's slice: its matmuls take no sliced operand."""
+  stacked: LayerCache  # [L, B, S, C|R]
+  layer: jax.Array     # int32 scalar, the index into L
+
+  def read(self) -> LayerCache:
+    """The layer's cache [B, S, C|R]."""
+    return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, self.layer, keepdims=False),
+                        self.stacked)
+
+  def write(self, c_kv: jax.Array, k_pe: jax.Array, positions: jax.Array) -> StackedLayerCache:
+    """The stack's cache with the tokens' latents [B, T, C|R] at [layer, b, positions[b]]."""
+    return self._replace(stacked=write_cache(self.stacked, c_kv, k_pe, positions, self.layer))
+
 
 def init_layer_cache(cfg: DeepseekConfig, batch: int, max_len: int, dtype=jnp.float32) -> LayerCache:
   return LayerCache(jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype),
                     jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype))
 
 
-def write_cache(cache: LayerCache, c_kv: jax.Array, k_pe: jax.Array, positions: jax.Array) -> LayerCache:
-  """Stores each token's latents at its own position (per sequence); positions past the end drop."""
+def write_cache(cache: LayerCache, c_kv: jax.Array, k_pe: jax.Array, positions: jax.Array,
+                layer: jax.Array | None = None) -> LayerCache:
+  """Stores each token's latents c_kv [B, T, C] and k_pe [B, T, R] at its own position
+  (per sequence) in a layer's cache [B, S, C|R], or with `layer` in that layer of a stacked
+  cache [L, B, S, C|R]; positions past the end drop."""
   b = jnp.arange(positions.shape[0])[:, None]
-  return LayerCache(cache.c_kv.at[b, positions].set(c_kv.astype(cache.c_kv.dtype), mode="drop"),
-                    cache.k_pe.at[b, positions].set(k_pe.astype(cache.k_pe.dtype), mode="drop"))
+  at = (b, positions) if layer is None else (layer, b, positions)
+  return LayerCache(cache.c_kv.at[at].set(c_kv.astype(cache.c_kv.dtype), mode="drop"),
+                    cache.k_pe.at[at].set(k_pe.astype(cache.k_pe.dtype), mode="drop"))
 
 
 def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
@@ -157,10 +189,13 @@ class MLAttention(nnx.Module):
     return jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
 
   def attend_step(self, q_nope, q_pe, c_new, k_new, cache: LayerCache, positions
-                  ) -> tuple[jax.Array, LayerCache]:
+                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Absorbed MLA for one new token per sequence (a decode step on the XLA path): attends the
-    cache slots before its position and itself, then writes its latents into the cache in place.
-    Returns [B, 1, H, V] (what `attend_absorbed` gives over the written cache) and the cache.
+    cache slots before its position and itself; the caller then writes the token's latents into
+    the cache in place (`LayerCache.write`, or `StackedLayerCache.write` into a scanned stack's
+    buffer). Returns [B, 1, H, V] (what `attend_absorbed` gives over the written cache), the
+    latents to write (c_new [B, 1, C], k_new [B, 1, R], in the cache's dtype) and the positions
+    [B, 1] to write them at.
 
     Why not write first and attend over the written cache: XLA:CPU then duplicates the write at
     batch 1 (one in-place update for the returned cache, one fused into the score product's
@@ -168,30 +203,30 @@ class MLAttention(nnx.Module):
     value product. Here the products read the cache as it came in, once each, in its own layout
     [B, S, C], and the new token's own score and value come from c_new and k_new. XLA orders an
     in-place write after the reads of its operand only when they are its data ancestors (CPU
-    drops optimization barriers before copy insertion), else it copies the cache; so the write's
-    positions depend on the attention output through a term that is always 0 (no value is above
-    +inf, NaN compares false).
+    drops optimization barriers before copy insertion), else it copies the cache; so the
+    returned positions depend on the attention output through a term that is always 0 (no
+    value is above +inf, NaN compares false).
     """
     w_uk, w_uv = self._w_kv_b()
     c_kv, k_pe = cache.c_kv.astype(self.dtype), cache.k_pe.astype(self.dtype)  # [B, S, C|R]
     # the token's own latents as the cache will hold them (rounded to its dtype, if another)
-    c_new = c_new.astype(cache.c_kv.dtype).astype(self.dtype)  # [B, 1, C]
-    k_new = k_new.astype(cache.k_pe.dtype).astype(self.dtype)  # [B, 1, R]
+    c_new = c_new.astype(cache.c_kv.dtype)  # [B, 1, C]
+    k_new = k_new.astype(cache.k_pe.dtype)  # [B, 1, R]
+    c_own, k_own = c_new.astype(self.dtype), k_new.astype(self.dtype)  # [B, 1, C|R] to compute
     q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w_uk)  # [B, 1, H, C]
     f32 = dict(preferred_element_type=jnp.float32)
     old = (jnp.einsum("bthc,bsc->bhts", q_lat, c_kv, **f32)
            + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, **f32))      # [B, H, 1, S]
-    own = (jnp.einsum("bthc,btc->bht", q_lat, c_new, **f32)
-           + jnp.einsum("bthr,btr->bht", q_pe, k_new, **f32))[..., None]  # [B, H, 1, 1]
+    own = (jnp.einsum("bthc,btc->bht", q_lat, c_own, **f32)
+           + jnp.einsum("bthr,btr->bht", q_pe, k_own, **f32))[..., None]  # [B, H, 1, 1]
     before = jnp.arange(c_kv.shape[1], dtype=positions.dtype)[None] < positions  # [B, S]
     old = jnp.where(before[:, None, None], old, _NEG_INF)
     probs = jax.nn.softmax(jnp.concatenate([old, own], axis=-1) * self.cfg.softmax_scale,
                            axis=-1)                                  # [B, H, 1, S+1] float32
     o_lat = (jnp.einsum("bhts,bsc->bhtc", probs[..., :-1].astype(c_kv.dtype), c_kv)
-             + probs[..., -1:].astype(c_new.dtype) * c_new[:, None])  # [B, H, 1, C]
+             + probs[..., -1:].astype(c_own.dtype) * c_own[:, None])  # [B, H, 1, C]
     after = (o_lat[:, 0, :, 0] > jnp.inf).astype(positions.dtype)   # [B, 1], always 0
-    return jnp.einsum("bhtc,chv->bthv", o_lat, w_uv), write_cache(cache, c_new, k_new,
-                                                                  positions + after)
+    return jnp.einsum("bhtc,chv->bthv", o_lat, w_uv), c_new, k_new, positions + after
 
   def attend_decode_kernel(self, q_nope, q_pe, c_kv, k_pe, lengths) -> jax.Array:
     """Absorbed MLA for one new token per sequence through the Pallas flash-decoding kernel
@@ -214,8 +249,8 @@ class MLAttention(nnx.Module):
     return self.o_proj(o.reshape(*o.shape[:-2], -1))
 
   def __call__(self, x: jax.Array, positions: jax.Array, *, mask: jax.Array | None = None,
-               absorb: bool = False, cache: LayerCache | None = None
-               ) -> tuple[jax.Array, LayerCache | None]:
+               absorb: bool = False, cache: LayerCache | StackedLayerCache | None = None
+               ) -> tuple[jax.Array, LayerCache | StackedLayerCache | None]:
     """Self-attention over x [B, T, D] at integer positions [B, T]; returns [B, T, D] and the cache.
 
     Without a cache the tokens attend to each other: by `mask` [B, 1, T, T] when given (see
@@ -229,11 +264,12 @@ class MLAttention(nnx.Module):
     if cache is None:
       mask = attention_mask(positions, positions) if mask is None else mask
     elif absorb and x.shape[1] == 1 and not use_decode_kernel(self.cfg):
-      o, cache = self.attend_step(q_nope, q_pe, c_kv, k_pe, cache, positions)
-      return self.output(o), cache
+      o, c_kv, k_pe, at = self.attend_step(q_nope, q_pe, c_kv, k_pe, cache.read(), positions)
+      return self.output(o), cache.write(c_kv, k_pe, at)
     else:
-      cache = write_cache(cache, c_kv, k_pe, positions)
-      c_kv, k_pe = cache.c_kv.astype(self.dtype), cache.k_pe.astype(self.dtype)
+      cache = cache.write(c_kv, k_pe, positions)
+      view = cache.read()
+      c_kv, k_pe = view.c_kv.astype(self.dtype), view.k_pe.astype(self.dtype)
       slots = jnp.broadcast_to(jnp.arange(c_kv.shape[1], dtype=positions.dtype),
                                (positions.shape[0], c_kv.shape[1]))
       mask = attention_mask(positions, slots)

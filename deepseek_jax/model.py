@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepseek_jax.attention import LayerCache, MLAttention, init_layer_cache
+from deepseek_jax.attention import LayerCache, MLAttention, StackedLayerCache, init_layer_cache
 from deepseek_jax.attention import attention_mask as attention_mask_of
 from deepseek_jax.config import LAYOUT_FIELDS, RUNTIME_FIELDS, DeepseekConfig
 from deepseek_jax.layers import MLP, Embed, RMSNorm, linear
@@ -104,9 +104,9 @@ class DecoderLayer(nnx.Module):
       self.mlp = MLP(cfg, cfg.intermediate_size, rngs=rngs, **kw)
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None,
-               absorb: bool = False, cache: LayerCache | None = None,
+               absorb: bool = False, cache: LayerCache | StackedLayerCache | None = None,
                topk_idx: jax.Array | None = None
-               ) -> tuple[jax.Array, RouterOutput | None, LayerCache | None]:
+               ) -> tuple[jax.Array, RouterOutput | None, LayerCache | StackedLayerCache | None]:
     a, cache = self.self_attn(self.input_layernorm(x), positions, mask=mask, absorb=absorb,
                               cache=cache)
     x = x + a
@@ -167,12 +167,17 @@ def _scan_stack(stack: DecoderLayer, x, positions, mask, absorb, remat: bool, ca
     h, r = run(x, stack, topk_idx)
     return h, r, None
 
-  @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0, 0))
-  def run_cached(h, layer, c, k):
+  # The stacked cache [L, B, S, C|R] rides in the carry with the layer's index: each layer reads
+  # its slice and writes its tokens into the carried buffer in place (`StackedLayerCache`). As a
+  # per-layer input and output it would come back as a fresh stacked buffer, copied each step.
+  @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+  def run_cached(carry, layer, k):
+    h, c = carry
     h, r, c = body(layer, h, c, k)
-    return h, r, c
+    return (h, c._replace(layer=c.layer + 1)), r
 
-  return run_cached(x, stack, cache, topk_idx)
+  (h, c), r = run_cached((x, StackedLayerCache(cache, jnp.int32(0))), stack, topk_idx)
+  return h, r, c.stacked
 
 
 class DeepseekForCausalLM(nnx.Module):

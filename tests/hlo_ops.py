@@ -31,14 +31,18 @@ def _computations(hlo: str) -> dict[str, list[str]]:
 _INST = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*\w+\[([\d,]*)\]\S*\s+([\w\-]+)\(")
 _VIEWS = {"parameter", "bitcast", "get-tuple-element", "tuple", "constant"}
 _IN_PLACE = {"dynamic-update-slice", "scatter"}
+# what XLA fuses beside a dynamic-slice to clamp its start indices (scalars)
+_INDEX_MATH = {"add", "subtract", "compare", "select", "clamp", "minimum", "maximum", "convert"}
 
 
 def whole_cache_ops(hlo: str, sizes: set[int]) -> collections.Counter:
-  """Counts the ops (outside fused computations) whose result has as many elements as one
-  layer's cache array (a size in `sizes`), by kind: "in-place update" for a dynamic-update-slice
-  or scatter or a fusion that computes one; a fusion otherwise as "fusion: <its opcodes>"; any
-  other op by its opcode (`copy`, `transpose`, ...). Views (parameters, bitcasts, tuple
-  elements) are not counted: they move no data."""
+  """Counts the ops (outside fused computations) whose result has as many elements as a size in
+  `sizes` (one layer's cache array, or a layer stack's), by kind: "in-place update" for a
+  dynamic-update-slice or scatter or a fusion that computes one; "dynamic-slice" for one or a
+  fusion of one with the arithmetic that clamps its start indices (a copy of a slice: a layer's
+  view of a stacked cache); a fusion otherwise as "fusion: <its opcodes>"; any other op by its
+  opcode (`copy`, `transpose`, ...). Views (parameters, bitcasts, tuple elements) are not
+  counted: they move no data."""
   comps = _computations(hlo)
   fused = set()
   for lines in comps.values():
@@ -60,7 +64,12 @@ def whole_cache_ops(hlo: str, sizes: set[int]) -> collections.Counter:
       if op == "fusion":
         called = [l for c in re.findall(r"calls=%?([\w.\-]+)", line) for l in comps.get(c, [])]
         inner = {m.group(2) for m in map(_INST.match, called) if m} - _VIEWS
-        op = "in-place update" if inner & _IN_PLACE else "fusion: " + ",".join(sorted(inner))
+        if inner & _IN_PLACE:
+          op = "in-place update"
+        elif "dynamic-slice" in inner and inner <= _INDEX_MATH | {"dynamic-slice"}:
+          op = "dynamic-slice"
+        else:
+          op = "fusion: " + ",".join(sorted(inner))
       elif op in _IN_PLACE:
         op = "in-place update"
       ops[op] += 1

@@ -71,11 +71,22 @@ def test_decode_step_equals_full_forward(model, scan_layers):
       np.testing.assert_allclose(np.asarray(a), np.asarray(w), rtol=1e-6, atol=1e-6)
 
 
+# scanned: a dense stack of 2 layers and a MoE stack of 3, so that a layer's cache array, a
+# stack's and every other array differ in size
+SCANNED = CFG.replace(scan_layers=True, num_hidden_layers=5, first_k_dense_replace=2)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True], ids=["layers", "scan_layers"])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_decode_loop_updates_the_cache_in_place(model, batch):
+def test_decode_loop_updates_the_cache_in_place(model, batch, scan_layers):
   """The compiled decode loop (`generation._decode`, its carry donated) touches each layer's
   latent cache only by one in-place update per cache array and step: no copy of it, no
-  transpose for the score or value product, no second update on a copy."""
+  transpose for the score or value product, no second update on a copy. Scanned, each stack's
+  cache [L, B, S, C|R] rides in the layer scan's carry and is updated in place (no fresh stacked
+  buffer and copy per step); the layer scan's body reads its layer's view with one dynamic-slice
+  per array (XLA:CPU's matmuls take no sliced operand, so the view is a copy)."""
+  if scan_layers:
+    model = DeepseekForCausalLM(SCANNED, rngs=nnx.Rngs(0))
   g = generation.Generation(model, np.ones((batch, 1), np.int32), 4, eos_id=-1,
                             max_len=CACHE_LEN)
   carry = jax.eval_shape(lambda state: generation._prefill(  # the carry's shapes: no prefill run
@@ -83,7 +94,13 @@ def test_decode_loop_updates_the_cache_in_place(model, batch):
       cache_len=g.cache_len, new_cap=g.new_cap, st=g.static), g.state)
   hlo = generation._decode.lower(g.graphdef, g.state, carry, jnp.int32(3), *g._scalars(),
                                  st=g.static).compile().as_text()
-  sizes = {batch * CACHE_LEN * CFG.kv_lora_rank, batch * CACHE_LEN * CFG.qk_rope_head_dim}
-  ops = whole_cache_ops(hlo, sizes)
-  arrays = 2 * CFG.num_hidden_layers  # c_kv and k_pe per layer
-  assert ops == {"in-place update": arrays}, ops
+  layer = {batch * CACHE_LEN * CFG.kv_lora_rank, batch * CACHE_LEN * CFG.qk_rope_head_dim}
+  if not scan_layers:
+    arrays = 2 * CFG.num_hidden_layers  # c_kv and k_pe per layer
+    assert whole_cache_ops(hlo, layer) == {"in-place update": arrays}
+    return
+  stacks = [s.input_layernorm.scale.shape[0] for s in model.stacks()]  # L per stack
+  assert stacks == [2, 3]
+  stacked = {n * a for n in stacks for a in layer}
+  assert whole_cache_ops(hlo, stacked) == {"in-place update": 2 * len(stacks)}
+  assert whole_cache_ops(hlo, layer) == {"dynamic-slice": 2 * len(stacks)}
