@@ -45,14 +45,20 @@ def _setup(cfg_overrides=None):
   return cfg, model, jnp.asarray(tokens), tc, make_loss_fn
 
 
-def _loss_and_grads(model, tokens, cfg, tc, make_loss_fn):
+def _logits_loss_and_grads(model, tokens, cfg, tc, make_loss_fn):
+  """Logits on tokens[:, :-1], the training loss and its gradients, from one compiled program."""
   import jax
   from flax import nnx
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   # Router biases differentiated too (as the trainer does: nnx.scan needs them traced alike).
   vg = jax.value_and_grad(make_loss_fn(graphdef, cfg, tc), argnums=(0, 1), has_aux=True)
-  (loss, _), (grads, _) = jax.jit(vg)(params, rest, tokens)
-  return loss, nnx.to_pure_dict(grads)
+
+  def run(params, rest, tokens):
+    logits = nnx.merge(graphdef, params, rest)(tokens[:, :-1])
+    (loss, _), (grads, _) = vg(params, rest, tokens)
+    return logits, loss, grads
+  logits, loss, grads = jax.jit(run)(params, rest, tokens)
+  return logits, loss, nnx.to_pure_dict(grads)
 
 
 def models(meshes: list[dict]) -> None:
@@ -64,8 +70,9 @@ def models(meshes: list[dict]) -> None:
 
   for scan in (False, True):
     cfg, model, tokens, tc, make_loss_fn = _setup({"scan_layers": scan})
-    ref_logits = np.asarray(jax.jit(lambda m, x: m(x))(model, tokens[:, :-1]))
-    ref_loss, ref_grads = _loss_and_grads(model, tokens, cfg, tc, make_loss_fn)
+    ref_logits, ref_loss, ref_grads = _logits_loss_and_grads(model, tokens, cfg, tc,
+                                                             make_loss_fn)
+    ref_logits = np.asarray(ref_logits)
     ref_grads = jax.tree.map(np.asarray, ref_grads)
     for sizes in meshes:
       if scan and not sizes.get("scan"):
@@ -76,9 +83,8 @@ def models(meshes: list[dict]) -> None:
       batch = jax.sharding.NamedSharding(mesh, sharding.batch_spec())
       toks = jax.device_put(tokens, batch)
       with jax.set_mesh(mesh):  # the model itself picks the expert-parallel exchange
-        logits = jax.jit(lambda m, x: m(x))(sm, toks[:, :-1])
         forward_jaxpr = str(jax.make_jaxpr(lambda m, x: m(x))(sm, toks[:, :-1]))
-        loss, grads = _loss_and_grads(sm, toks, cfg, tc, make_loss_fn)
+        logits, loss, grads = _logits_loss_and_grads(sm, toks, cfg, tc, make_loss_fn)
       flat_grads = jax.tree.map(np.asarray, grads)
       grad_err = max(float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
                      for a, b in zip(jax.tree.leaves(flat_grads), jax.tree.leaves(ref_grads)))
