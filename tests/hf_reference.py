@@ -64,6 +64,29 @@ def save_hf(cfg: DeepseekConfig, directory: str | os.PathLike, seed: int = 0, **
   return model
 
 
+def save_fp8_release(plain: str | os.PathLike, directory: str | os.PathLike,
+                     max_shard_size: str = "100KB") -> None:
+  """Writes the released checkpoint in `plain` again in V3's released FP8 layout (block-scaled
+  weights with their `_scale_inv` tensors, `quantization_config` in config.json) into
+  `directory`, in shards of `max_shard_size`."""
+  from deepseek_jax.convert import fp8
+  from deepseek_jax.convert.safetensors_read import SafetensorsDir
+  from deepseek_jax.convert.safetensors_write import TensorSpec, write_sharded
+  raw = json.loads(open(os.path.join(plain, "config.json")).read())
+  q = {}
+  with SafetensorsDir(plain) as src:
+    for k in src.keys():
+      w = src.read(k)
+      if fp8.is_quantized_name(k):
+        q[k], q[fp8.scale_name(k)] = fp8.quantize(w)
+      else:
+        q[k] = w
+  specs = [TensorSpec(k, v.dtype, v.shape) for k, v in q.items()]
+  write_sharded(directory, specs, lambda s: q[s.name], max_shard_size=max_shard_size,
+                extra_files={"config.json": json.dumps(
+                    {**raw, "quantization_config": fp8.quantization_config()})})
+
+
 def _size(s: str | int) -> int:
   if isinstance(s, int):
     return s

@@ -17,11 +17,11 @@ import pytest
 from deepseek_jax import get_preset
 from deepseek_jax.convert import fp8
 from deepseek_jax.convert.safetensors_read import INDEX_NAME, SafetensorsDir
-from deepseek_jax.convert.safetensors_write import TensorSpec, save_file, write_sharded
+from deepseek_jax.convert.safetensors_write import save_file
 from deepseek_jax.convert.to_hf import export
 from deepseek_jax.convert.to_orbax import convert
 from deepseek_jax.pretrained import from_pretrained
-from hf_reference import save_hf
+from hf_reference import save_fp8_release, save_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEIGHT = "model.layers.1.mlp.experts.2.down_proj.weight"
@@ -33,19 +33,7 @@ def releases(tmp_path_factory):
   root = tmp_path_factory.mktemp("nonfinite")
   save_hf(get_preset("tiny_v3", num_nextn_predict_layers=0), root / "plain",
           max_shard_size="100KB")
-  raw = json.loads((root / "plain" / "config.json").read_text())
-  q = {}
-  with SafetensorsDir(root / "plain") as src:
-    for k in src.keys():
-      w = src.read(k)
-      if fp8.is_quantized_name(k):
-        q[k], q[fp8.scale_name(k)] = fp8.quantize(w)
-      else:
-        q[k] = w
-  specs = [TensorSpec(k, v.dtype, v.shape) for k, v in q.items()]
-  write_sharded(root / "fp8", specs, lambda s: q[s.name], max_shard_size="100KB",
-                extra_files={"config.json": json.dumps(
-                    {**raw, "quantization_config": fp8.quantization_config()})})
+  save_fp8_release(root / "plain", root / "fp8")
   return root / "plain", root / "fp8"
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from deepseek_jax import checkpoint, get_preset
-from deepseek_jax.convert import fp8, load, to_orbax
+from deepseek_jax.convert import load, to_orbax
 from deepseek_jax.convert.safetensors_read import INDEX_NAME, SafetensorsDir
-from deepseek_jax.convert.safetensors_write import TensorSpec, save_file, write_sharded
-from hf_reference import save_hf
+from deepseek_jax.convert.safetensors_write import save_file
+from hf_reference import save_fp8_release, save_hf
 
 WEIGHT = "model.layers.1.mlp.experts.2.down_proj.weight"
 
@@ -27,19 +27,7 @@ def fp8_release(tmp_path_factory):
   root = tmp_path_factory.mktemp("parallel")
   save_hf(get_preset("tiny_v3", num_nextn_predict_layers=0), root / "plain",
           max_shard_size="100KB")
-  raw = json.loads((root / "plain" / "config.json").read_text())
-  q = {}
-  with SafetensorsDir(root / "plain") as src:
-    for k in src.keys():
-      w = src.read(k)
-      if fp8.is_quantized_name(k):
-        q[k], q[fp8.scale_name(k)] = fp8.quantize(w)
-      else:
-        q[k] = w
-  specs = [TensorSpec(k, v.dtype, v.shape) for k, v in q.items()]
-  write_sharded(root / "fp8", specs, lambda s: q[s.name], max_shard_size="100KB",
-                extra_files={"config.json": json.dumps(
-                    {**raw, "quantization_config": fp8.quantization_config()})})
+  save_fp8_release(root / "plain", root / "fp8")
   assert len([f for f in os.listdir(root / "fp8") if f.endswith(".safetensors")]) > 4
   return root / "fp8"
 
