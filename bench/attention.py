@@ -8,8 +8,11 @@ Each side, from the latent c_kv [B, S, C], the shared rope key k_pe [B, S, R] an
 q_nope [B, T, H, N], q_pe [B, T, H, R]: every head's keys and values expanded by kv_b_proj, causal
 softmax attention, output [B, T, H, V]; then the backward to all four inputs and the kv_b_proj
 weight (loss: sum of sin of the output).
-  ours            `MLAttention.attend_expanded` (one score product over [nope ; rope])
-  ours, 2 prods   the formulation before issue 17: two score products (nope, rope) summed
+  ours            `MLAttention.attend_expanded` as the model calls it without a cache: heads
+                  leading, queries by blocks that read only the keys up to their last query
+                  (`attention._query_blocks`; 4 blocks of 64 at T = 256)
+  ours, 1 block   the formulation before that (one score product over [nope ; rope] in
+                  [B, T, H, ·] layout, the whole [B, H, T, S] softmax at once)
   torch SDPA      `F.scaled_dot_product_attention(is_causal=True)` on [nope ; rope] keys, as
                   transformers' DeepseekV3Attention with its default "sdpa" implementation
 Shapes: tiny V3 of bench/train.py (batch 4 x 256, kv_lora_rank 128, nope 32, rope 16, v 32),
@@ -43,7 +46,7 @@ def _inputs(h: int):
                                                      (B, T, R))]
 
 
-def ours(h: int, two_products: bool):
+def ours(h: int, one_block: bool):
   cfg = get_preset("tiny_v3").replace(num_attention_heads=h, kv_lora_rank=C, qk_nope_head_dim=N,
                                       qk_rope_head_dim=R, v_head_dim=V)
   attn = MLAttention(cfg, rngs=nnx.Rngs(0))
@@ -51,17 +54,17 @@ def ours(h: int, two_products: bool):
   pos = jnp.broadcast_to(jnp.arange(T), (B, T))
   mask = attention_mask(pos, pos)
 
-  def old(m, q_nope, q_pe, c_kv, k_pe):  # the two-product formulation
+  def old(m, q_nope, q_pe, c_kv, k_pe):  # one block, [B, T, H, ·] layout
     kv = m.kv_b_proj(c_kv).reshape(B, T, h, N + V)
     k_nope, v = kv[..., :N], kv[..., N:]
-    scores = (jnp.einsum("bthn,bshn->bhts", q_nope, k_nope)
-              + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe))
-    probs = m._softmax(scores, mask)
+    q = jnp.concatenate([q_nope, q_pe], axis=-1)
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], (B, T, h, R))], axis=-1)
+    probs = m._softmax(jnp.einsum("bthd,bshd->bhts", q, k), mask)
     return jnp.einsum("bhts,bshv->bthv", probs, v)
 
   def loss(state, *xs):
     m = nnx.merge(graphdef, state)
-    out = old(m, *xs) if two_products else m.attend_expanded(*xs, mask)
+    out = old(m, *xs) if one_block else m.attend_expanded(*xs, mask, causal=True)
     return jnp.sum(jnp.sin(out))
 
   step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
@@ -99,7 +102,7 @@ def main():
   heads = [int(h) for h in args.heads.split(",")]
   times = {}
   for h in heads:
-    calls = {"ours": ours(h, False), "ours, 2 prods": ours(h, True), "torch SDPA": torch_sdpa(h)}
+    calls = {"ours": ours(h, False), "ours, 1 block": ours(h, True), "torch SDPA": torch_sdpa(h)}
     sync = lambda x: jax.block_until_ready(x) if not callable(x) else x  # noqa: E731
     times[h] = common.time_alternating(calls, repeats=args.repeats, sync=sync)
   rows = []

@@ -98,6 +98,36 @@ def attention_mask(q_positions: jax.Array, k_positions: jax.Array,
   return mask[:, None]
 
 
+def _query_blocks(t: int, s: int, causal: bool) -> list[tuple[int, int, int]]:
+  """Query rows [a, b) and the keys [0, end) each block of a T x S attention reads.
+
+  Long attentions go by blocks of queries: each block's float32 scores and probabilities stay
+  small enough for the CPU's caches (one [B, H, T, S] product and its softmax, forward and
+  backward, cost 2.5x to 5x more at T >= 256; bench/attention.py), and with `causal` (no query
+  sees a key after it in the sequence, T == S) a block reads only the keys up to its last query,
+  about half the products. Up to 128 rows, one block; then 4 to 16 blocks, a multiple of 8 rows.
+  """
+  if t <= 128:
+    blocks = [(0, t)]
+  else:
+    rows = _round_up(-(-t // min(max(t // 128, 4), 16)), 8)
+    blocks = [(a, min(a + rows, t)) for a in range(0, t, rows)]
+  return [(a, b, min(b, s) if causal else s) for a, b in blocks]
+
+
+def _block_mask(mask: jax.Array, a: int, b: int, end: int, causal: bool) -> jax.Array:
+  """mask [B, 1, T, S] for queries [a, b) and keys [0, end); with `causal`, also no key after
+  its query."""
+  m = mask[:, :, a:b, :end]
+  if causal:
+    m = m & (jnp.arange(a, b)[:, None] >= jnp.arange(end)[None])
+  return m
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
 def use_decode_kernel(cfg: DeepseekConfig, platform: str | None = None) -> bool:
   """Whether absorbed decode steps use the Pallas MLA kernel: `cfg.mla_decode`, where "auto" means
   on TPUs and GPUs (Mosaic TPU or Triton; on the CPU, where Pallas only interprets, XLA's
@@ -162,30 +192,41 @@ class MLAttention(nnx.Module):
     return w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
 
   # ------------------------------------------------------------------ attention
-  def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask) -> jax.Array:
-    """Expanded MLA: per-head keys and values from the latent. Returns [B, T, H, V]."""
+  def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask, causal: bool = False) -> jax.Array:
+    """Expanded MLA: per-head keys and values from the latent. Returns [B, T, H, V].
+    `causal`: see `_query_blocks`."""
     cfg = self.cfg
     kv = self.kv_b_proj(c_kv).reshape(*c_kv.shape[:-1], cfg.num_attention_heads, -1)
     k_nope, v = kv[..., :cfg.qk_nope_head_dim], kv[..., cfg.qk_nope_head_dim:]  # [B, S, H, N|V]
     # One score product over [nope ; rope] (k_pe shared by the heads, broadcast): summing two
     # products would write two [B, H, T, S] float32 score tensors and add them, forward and
-    # backward (the per-head cost of training and prefill; bench/train.py --heads).
+    # backward. Heads lead (the products' batch axes first), as XLA:CPU's batched GEMMs want.
     q = jnp.concatenate([q_nope, q_pe.astype(q_nope.dtype)], axis=-1)          # [B, T, H, N+R]
     k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None].astype(k_nope.dtype),
                                                   (*k_nope.shape[:-1], k_pe.shape[-1]))],
                         axis=-1)                                                 # [B, S, H, N+R]
-    scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-    probs = self._softmax(scores, mask)
-    return jnp.einsum("bhts,bshv->bthv", probs.astype(v.dtype), v)
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))                      # [B, H, T|S, ·]
+    outs = []
+    for a, b, end in _query_blocks(q.shape[2], k.shape[2], causal):
+      scores = jnp.einsum("bhtd,bhsd->bhts", q[:, :, a:b], k[:, :, :end],
+                          preferred_element_type=jnp.float32)
+      probs = self._softmax(scores, _block_mask(mask, a, b, end, causal))
+      outs.append(jnp.einsum("bhts,bhsv->bhtv", probs.astype(v.dtype), v[:, :, :end]))
+    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)                  # [B, T, H, V]
 
-  def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask) -> jax.Array:
-    """Absorbed MLA: attention over the latent itself, W_uk and W_uv folded in. Returns [B, T, H, V]."""
+  def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, causal: bool = False) -> jax.Array:
+    """Absorbed MLA: attention over the latent itself, W_uk and W_uv folded in. Returns [B, T, H, V].
+    `causal`: see `_query_blocks`."""
     w_uk, w_uv = self._w_kv_b()
     q_lat = jnp.einsum("bthn,chn->bthc", q_nope, w_uk)  # [B, T, H, C]
-    scores = (jnp.einsum("bthc,bsc->bhts", q_lat, c_kv, preferred_element_type=jnp.float32)
-              + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe, preferred_element_type=jnp.float32))
-    probs = self._softmax(scores, mask)
-    o_lat = jnp.einsum("bhts,bsc->bthc", probs.astype(c_kv.dtype), c_kv)  # [B, T, H, C]
+    f32 = dict(preferred_element_type=jnp.float32)
+    outs = []
+    for a, b, end in _query_blocks(q_lat.shape[1], c_kv.shape[1], causal):
+      scores = (jnp.einsum("bthc,bsc->bhts", q_lat[:, a:b], c_kv[:, :end], **f32)
+                + jnp.einsum("bthr,bsr->bhts", q_pe[:, a:b], k_pe[:, :end], **f32))
+      probs = self._softmax(scores, _block_mask(mask, a, b, end, causal))
+      outs.append(jnp.einsum("bhts,bsc->bthc", probs.astype(c_kv.dtype), c_kv[:, :end]))
+    o_lat = jnp.concatenate(outs, axis=1)  # [B, T, H, C]
     return jnp.einsum("bthc,chv->bthv", o_lat, w_uv)
 
   def attend_step(self, q_nope, q_pe, c_new, k_new, cache: LayerCache, positions
@@ -253,8 +294,10 @@ class MLAttention(nnx.Module):
                ) -> tuple[jax.Array, LayerCache | StackedLayerCache | None]:
     """Self-attention over x [B, T, D] at integer positions [B, T]; returns [B, T, D] and the cache.
 
-    Without a cache the tokens attend to each other: by `mask` [B, 1, T, T] when given (see
-    `attention_mask`: padding, packed segments), else causally by position. With one, their latents are first written at their positions, and they attend
+    Without a cache each token attends to itself and the tokens before it in the sequence (never
+    a later one, as transformers' causal mask), of those the ones `mask` [B, 1, T, T] allows
+    when given (see `attention_mask`: padding, packed segments), else those at or before its
+    position. With one, their latents are first written at their positions, and they attend
     over every cached slot at or before their own position: each sequence's positions must be
     contiguous from 0 (right padding), so all such slots hold its real tokens.
     """
@@ -278,4 +321,4 @@ class MLAttention(nnx.Module):
         o = self.attend_decode_kernel(q_nope, q_pe, c_kv, k_pe, positions[:, 0] + 1)
         return self.output(o), cache
     attend = self.attend_absorbed if absorb else self.attend_expanded
-    return self.output(attend(q_nope, q_pe, c_kv, k_pe, mask)), cache
+    return self.output(attend(q_nope, q_pe, c_kv, k_pe, mask, causal=cache is None)), cache

@@ -30,10 +30,11 @@ def _hidden(cfg, b=2, t=11, seed=0):
 
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("absorb", [False, True], ids=["expanded", "absorbed"])
-def test_attention_alone(pairs, name, absorb):
+@pytest.mark.parametrize("t", [11, 300], ids=["one-block", "four-blocks"])
+def test_attention_alone(pairs, name, absorb, t):
   import torch
   cfg, hf, ours = pairs[name]
-  x = _hidden(cfg)
+  x = _hidden(cfg, t=t)
   b, t = x.shape[:2]
   pos = torch.arange(t)[None].expand(b, t)
   xt = torch.from_numpy(x)
