@@ -16,10 +16,10 @@ width 512 plus one shared, MLA with 8 heads, vocab 8192, batch 4 x 512, float32 
 FLOP/s counts the model's useful training FLOPs (`DeepseekConfig.flops_per_token`: 6 x activated
 matmul parameters + attention), not the work a dispatch path wastes.
 
-  python bench/train.py [--quick] [--heads 8] [--no_mid]
+  python bench/train.py [--quick] [--heads 4,8] [--no_mid]
 
---heads sets the tiny config's attention heads on both sides (the per-head cost of attention);
---no_mid skips the mid-size config.
+--heads: the tiny config's attention heads, on both sides, one table per count (default 4 and 8:
+the per-head cost of attention shows in the difference); --no_mid skips the mid-size config.
 """
 
 from __future__ import annotations
@@ -80,14 +80,14 @@ def ours(method: str, tokens: np.ndarray, base: DeepseekConfig = CFG):
   return run
 
 
-def transformers_step(tokens: np.ndarray):
+def transformers_step(tokens: np.ndarray, cfg: DeepseekConfig = CFG):
   """One transformers forward/backward + clip + torch AdamW step per call."""
   import torch
   import transformers
   torch.manual_seed(0)
   torch.set_num_threads(os.cpu_count())
   torch.set_flush_denormal(True)  # as XLA on CPU does; else early AdamW steps crawl (~12 s)
-  model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**CFG.to_hf()))
+  model = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**cfg.to_hf()))
   model = model.float().train()
   opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
   ids = torch.from_numpy(tokens[:, :-1].astype(np.int64))
@@ -103,24 +103,24 @@ def transformers_step(tokens: np.ndarray):
   return run
 
 
-def tiny(repeats: int, roof: dict) -> tuple[list[str], list[list]]:
-  """Ours (each dispatch) against transformers on the shared tiny config."""
-  tokens = np.random.default_rng(0).integers(0, CFG.vocab_size, (B, T + 1)).astype(np.int32)
+def tiny(repeats: int, roof: dict, cfg: DeepseekConfig) -> tuple[list[str], list[list]]:
+  """Ours (each dispatch) against transformers on the shared tiny config (`cfg`: its heads)."""
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
   default = dispatch.default_method()
-  fns = {f"ours ({default} dispatch, the platform default)": ours(default, tokens),
-         "ours (blocked dispatch)": ours("blocked", tokens),
-         "ours (dense dispatch)": ours("dense", tokens),
-         "transformers + torch AdamW": transformers_step(tokens)}
+  fns = {f"ours ({default} dispatch, the platform default)": ours(default, tokens, cfg),
+         "ours (blocked dispatch)": ours("blocked", tokens, cfg),
+         "ours (dense dispatch)": ours("dense", tokens, cfg),
+         "transformers + torch AdamW": transformers_step(tokens, cfg)}
   sync = lambda x: jax.block_until_ready(x) if isinstance(x, jax.Array) else x  # noqa: E731
   secs = common.time_alternating(fns, repeats=repeats, warmup=2, sync=sync)
-  flops_tok = CFG.flops_per_token(T, training=True)
+  flops_tok = cfg.flops_per_token(T, training=True)
   peer = secs["transformers + torch AdamW"]
   rows = []
   for name, s in secs.items():
     tps = B * T / s
     rows.append([name, s * 1e3, tps, peer / s, tps * flops_tok / (roof["gflops"] * 1e9)])
   md = [f"Tiny V3 (hidden 256, 4 layers, 16 experts top-4, 1 shared, MLA with "
-        f"{CFG.num_attention_heads} heads), batch {B} x {T}, "
+        f"{cfg.num_attention_heads} heads), batch {B} x {T}, "
         f"float32, AdamW step; {flops_tok / 1e6:.1f} MFLOP per token (training).", "",
         common.table(["implementation", "ms / step", "tokens/s", "speed vs transformers", "MFU"],
                      rows)]
@@ -154,29 +154,34 @@ def mid(repeats: int, roof: dict) -> tuple[list[str], list[list]]:
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--quick", action="store_true")
-  p.add_argument("--heads", type=int, default=0, help="attention heads of the tiny config")
+  p.add_argument("--heads", default=f"{CFG.num_attention_heads},8",
+                 help="attention heads of the tiny config, comma-separated: a table each")
   p.add_argument("--no_mid", action="store_true", help="skip the mid-size config")
   args = p.parse_args()
-  global CFG
-  if args.heads:
-    CFG = CFG.replace(num_attention_heads=args.heads, num_key_value_heads=args.heads)
   roof = common.matmul_roof_gflops()
-  md, rows = tiny(3 if args.quick else 7, roof)
   md = [f"Machine: {common.machine()['cpu']}, {os.cpu_count()} cores; best float32 matmul "
-        f"{roof['gflops']:.0f} GFLOP/s {roof['shape']} (the MFU denominator).", ""] + md
+        f"{roof['gflops']:.0f} GFLOP/s {roof['shape']} (the MFU denominator).", ""]
+  runs = []
+  for h in dict.fromkeys(int(h) for h in args.heads.split(",")):
+    cfg = CFG.replace(num_attention_heads=h, num_key_value_heads=h)
+    tiny_md, rows = tiny(3 if args.quick else 7, roof, cfg)
+    md += tiny_md + [""]
+    runs.append({"heads": h, "flops_per_token": cfg.flops_per_token(T, training=True),
+                 "rows": [dict(zip(["implementation", "ms", "tokens_per_s", "vs_transformers",
+                                    "mfu"], r)) for r in rows]})
   mid_md, mid_rows = ([], []) if args.no_mid else mid(2 if args.quick else 3, roof)
-  md += [""] + mid_md
+  md += mid_md
   print("\n".join(md))
+  rows = [[r["implementation"], r["ms"], r["tokens_per_s"]] for r in runs[0]["rows"]]
   common.save_result("train", {
       "machine": common.machine(), "versions": common.versions(), "roof": roof,
-      "flops_per_token": CFG.flops_per_token(T, training=True), "batch": [B, T],
-      "rows": [dict(zip(["implementation", "ms", "tokens_per_s", "vs_transformers", "mfu"], r))
-               for r in rows],
+      "batch": [B, T], "tiny": runs,
       "mid": [dict(zip(["implementation", "ms", "tokens_per_s", "gflops", "mfu"], r))
               for r in mid_rows],
       "markdown": "\n".join(md),
       "command": " ".join(["python bench/train.py"] + sys.argv[1:]),
-      "chart": {"title": f"Training tokens/s, tiny V3, batch {B}x{T}, float32 (CPU)",
+      "chart": {"title": f"Training tokens/s, tiny V3 ({runs[0]['heads']} heads), batch "
+                         f"{B}x{T}, float32 (CPU)",
                 "labels": [r[0] for r in rows], "values": [r[2] for r in rows],
                 "ylabel": "tokens/s"}})
 
