@@ -73,45 +73,46 @@ def _chart(name: str) -> str | None:
 
 MISSED = """### Where targets are missed: what the measurements show, and what would close the gap
 
-Figures move from run to run on this shared 2-core machine (the same script gave our training
-step 1.28x transformers on 2026-11-24 and 0.87-0.96x on 2026-11-29); the tables below are this
-run's.
+Figures move from run to run on this shared 2-core machine, and between the hosts it lands on (an
+AMD EPYC on 2026-11-29, an Intel Xeon on 2026-11-30, where transformers' decode ran 1.5-2x
+faster); the tables below are this run's. Peers always run in the same script, alternating.
 
-- **MoE dispatch vs a dense matmul** (CPU default `capacity` since issue 17, before it
-  `blocked`). `capacity` buckets each expert's copies into C static slots (a balanced router's
-  mean group plus three standard deviations, a multiple of 8) and runs three batched matmuls over
-  [E, C, ·] forward and backward, XLA:CPU's batched GEMM running near its dense rate; copies past
-  an expert's C slots go through a loop of 32-row tiles (none: no step). The slots' slack is
-  E*C/M - 1 (14% at 512 copies per expert, 31% at 128), which with the routing bookkeeping (a
-  sort, row gathers both ways, the weighted sum of each token's copies) is where its gap to the
-  matmul lies: under load it met 1.5x at 4096 tokens x 32 experts in two of four runs
-  (2026-11-30), and misses at 1024 x 32. `blocked`
-  (tiles of up to 128 rows, each its own small GEMM through a loop, backward below one large
-  transposed GEMM) stays selectable; `ragged_dot` on this jax/XLA:CPU computes every group in
-  full (tens of times a matmul), and the masked `dense` path does E/K times the work. The
-  forward+backward yardstick takes its weights' gradients too since issue 17 (before, rows only:
-  a third of the useful FLOPs missing from its time).
-- **Training FLOP/s on the mid-size config** follows from the above: the routed experts carry
-  most of the step's FLOPs, so their forward+backward cost caps the step well below 60% of the
-  matmul roof; the dense parts (attention projections, shared expert, head) run near it.
-- **Training vs transformers and vs MaxText**: the same dispatch cost; transformers' per-expert
-  loop (index_select, one GEMM per expert) is near GEMM speed on a CPU at these batch sizes.
-  MaxText's best setting here is its dense (masked, all experts) MoE.
-- **Prefill vs transformers**: 512-token prompts are dominated by the routed experts over
-  thousands of token copies (the dispatch ratio again), where transformers' per-expert loop is
-  efficient; the absorbed/expanded attention choice only moves attention, a small share here.
-- **Decode at batch 8** is bound by reading the routed experts' weights once per step (32 token
-  copies over 32 experts touch nearly all of them), which transformers pays as well, so the gap
-  is its per-step overhead: about 3x, not 5x (`python bench/generate.py --decode_methods` shows
-  `blocked` the fastest dispatch for a decode step). MTP self-speculation halves the loop steps
-  when drafts are accepted; on 2 CPU cores verifying two tokens costs nearly two steps, so the
-  gain shows at batch 8 with good drafts only.
-- **Conversion vs raw reads**: since issue 17 the one-device conversion transposes and casts in
-  NumPy on the host (the jitted relayout compiled once per tensor shape inside the conversion)
-  and loads two parameters at a time in threads; what remains is the Orbax partial saves of the
-  bfloat16 groups, written one at a time (two partial saves in flight into one checkpoint fail
-  in Orbax 0.12.8, seen in an exploratory run). On a slower disk (network storage) the ratio
-  rises; closing it here needs a writer that takes several groups at once.
+- **MoE dispatch vs a dense matmul** (CPU default `capacity`). `capacity` buckets each expert's
+  copies into C static slots (a balanced router's mean group plus three standard deviations, a
+  multiple of 8) and runs three batched matmuls over [E, C, ·] forward and backward; copies past
+  an expert's C slots go through a loop of 32-row tiles (none: no step), so nothing is dropped.
+  Its gap to the matmul is the slots' slack (E*C/M - 1: 14% at 512 copies per expert, 37% at 64)
+  and the routing bookkeeping (a sort, row gathers both ways, the weighted sum of each token's
+  copies). `blocked` (tiles of up to 128 rows, each its own small GEMM in a loop) stays
+  selectable; `ragged_dot` on XLA:CPU computes every group in full, and the masked `dense` path
+  does E/K times the work. A larger C does not pay for a skewed router: measured at 1024 tokens x
+  16 experts with the largest group twice the mean, C from the mean to mean + 3 sigma moved the
+  forward+backward by under 5% (the overflow tiles cost about 2x a slot per row, the slack 1x).
+- **Training FLOP/s on the mid-size config**: the routed experts carry most of the step's FLOPs
+  and run at the dispatch ratio above; the randomly initialised routers of the benchmark models
+  are skewed (the largest group 1.5-4x the mean: 6-27% of the copies overflow C into the tile
+  loop), and the rest of the step is many small ops (norms, RoPE, router, the optimizer update).
+- **Training vs transformers**: since issue 17 attention runs by blocks of queries (each block's
+  scores cache-sized, keys after the block skipped), 1.3-2x faster than one [B, H, T, S] softmax
+  at 256 tokens and 2.6-4.7x at 1K-4K (bench/attention.py, `attention._query_blocks`). Going
+  from 4 to 8 heads adds about as many milliseconds to our step as to transformers' (a different
+  router draw adds its own overflow too), so the ratio at 8 heads sits below the one at 4.
+- **Prefill vs transformers**: a 512-token prompt at batch 1 puts 64 copies on each of 32 experts
+  on average: C is 88 slots (37% slack), and the benchmark model's skewed routers push 6-17% of
+  the copies into the overflow tiles (about 14% of the prefill's op time in a profile), where
+  transformers' per-expert loop computes each group exactly. The prefill fills a fresh cache and
+  attends over it (S = T), so its attention reads every key; a prefill that knew its cache was
+  empty could skip the keys after each block as training does.
+- **Decode at batch 8** (544 tokens of context) is bound by reading the routed experts' weights
+  once per step (32 token copies over 32 experts touch nearly all of them), which transformers
+  pays as well, so the gap is its per-step overhead; on the Intel host transformers' decode is
+  1.5-2x faster than on the AMD one, and our ratio fell from 4.8x to about 1.7x. Long contexts are
+  where the latent cache pays (the 8K rows: over 20x).
+- **Conversion vs raw reads**: reads, checks, casts and transposes run in loader threads ahead of
+  the Orbax writer within a byte budget; the rest is CPU-bound here (0.65-0.7 CPU seconds per
+  0.39 GB even from the page cache, against 0.06 s for the raw read), and two partial Orbax saves
+  in flight into one checkpoint fail in orbax-checkpoint 0.12.8. On a slower disk (network
+  storage) the ratio rises; closing it here needs a writer that takes several groups at once.
 """
 
 
