@@ -16,6 +16,8 @@ Two equal ways to compute it:
   (`cfg.mla_decode`; by default on TPUs and GPUs); elsewhere `attend_step` reads the cache once
   per product as it came in, and the token's latents are written in place after (into the
   layer's cache, or under `scan_layers` into the stack's carried cache: `StackedLayerCache`).
+Training and prefill attend by blocks of queries (`_query_blocks`); without a cache no token sees
+a later one in the sequence, whatever its position.
 
 Legend: B batch, T query length, S key length, D hidden, H heads, C kv_lora_rank,
 N qk_nope_head_dim, R qk_rope_head_dim, V v_head_dim.
@@ -103,7 +105,8 @@ def _query_blocks(t: int, s: int, causal: bool) -> list[tuple[int, int, int]]:
 
   Long attentions go by blocks of queries: each block's float32 scores and probabilities stay
   small enough for the CPU's caches (one [B, H, T, S] product and its softmax, forward and
-  backward, cost 2.5x to 5x more at T >= 256; bench/attention.py), and with `causal` (no query
+  backward, cost 1.4x to 2x more at 256 tokens and 2.6x to 4.7x at 1K to 4K, measured with
+  bench/attention.py's shapes), and with `causal` (no query
   sees a key after it in the sequence, T == S) a block reads only the keys up to its last query,
   about half the products. Up to 128 rows, one block; then 4 to 16 blocks, a multiple of 8 rows.
   """
