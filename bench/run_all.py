@@ -97,6 +97,12 @@ faster); the tables below are this run's. Peers always run in the same script, a
   at 256 tokens and 2.6-4.7x at 1K-4K (bench/attention.py, `attention._query_blocks`). Going
   from 4 to 8 heads adds about as many milliseconds to our step as to transformers' (a different
   router draw adds its own overflow too), so the ratio at 8 heads sits below the one at 4.
+- **Attention from 8 to 16 heads**: in all, ours is below torch's fused SDPA at 4 and 8 heads
+  and about 1.15x it at 16; each head from 8 to 16 costs us more than it (2.7 vs 1.6-1.8 ms).
+  A profile shows the score product and the softmax's reductions growing 4-5x from 8 to 16
+  heads (twice the work); smaller query blocks (16 or 32 rows: 48-67 ms against 38 ms at 64),
+  groups of 4 or 8 heads per block (42-59 ms) and a softmax backward that recomputes the
+  probabilities from the saved log-sum-exp (the same time at 16 heads) did not help, measured.
 - **Prefill vs transformers**: a 512-token prompt at batch 1 puts 64 copies on each of 32 experts
   on average: C is 88 slots (37% slack), and the benchmark model's skewed routers push 6-17% of
   the copies into the overflow tiles (about 14% of the prefill's op time in a profile), where
@@ -106,7 +112,7 @@ faster); the tables below are this run's. Peers always run in the same script, a
 - **Decode at batch 8** (544 tokens of context) is bound by reading the routed experts' weights
   once per step (32 token copies over 32 experts touch nearly all of them), which transformers
   pays as well, so the gap is its per-step overhead; on the Intel host transformers' decode is
-  1.5-2x faster than on the AMD one, and our ratio fell from 4.8x to about 1.7x. Long contexts are
+  1.5-2x faster than on the AMD one, and our ratio fell from 4.8x to 1.7-1.8x. Long contexts are
   where the latent cache pays (the 8K rows: over 20x).
 - **Conversion vs raw reads**: reads, checks, casts and transposes run in loader threads ahead of
   the Orbax writer within a byte budget; the rest is CPU-bound here (0.65-0.7 CPU seconds per
