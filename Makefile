@@ -79,7 +79,8 @@ test:
 	  echo "==================== $$s stack"; cat $(LOGS)/$$s.out; \
 	  [ "$$(cat $(LOGS)/$$s.rc)" = 0 ] || status=1; \
 	done; \
-	echo "== summary ($$(( $$(date +%s) - start )) s, both stacks side by side)"; \
+	echo "== summary ($$(( $$(date +%s) - start )) s, both stacks side by side;" \
+	  "disk free $$(df -h . | awk 'NR==2 {print $$4}'))"; \
 	for s in oldest current; do \
 	  head -1 $(LOGS)/$$s.log; echo "   $$(tail -1 $(LOGS)/$$s.log) (exit $$(cat $(LOGS)/$$s.rc))"; \
 	done; exit $$status

@@ -4,6 +4,7 @@ same largest tensor, keeps peak RSS below baseline + a bound set by the largest 
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -50,6 +51,19 @@ def _generate(directory, layers, cfg=None):
   return sum(s.nbytes for s in specs), max(math.prod(e.shape) * 4 for e in entries)
 
 
+def _measure(tmp_path, small, name, layers):
+  """Writes a release of `layers` layers, converts it in a child process and deletes both at once
+  (pass or fail: two gigabyte checkpoints never lie on the disk together)."""
+  big = tmp_path / name
+  try:
+    size, largest = _generate(big, layers)
+    shards = len(os.listdir(big))
+    return size, largest, shards, _peak(tmp_path, small, big, name + ".out")
+  finally:
+    for path in (big, tmp_path / (name + ".out"), tmp_path / (name + ".out.warm")):
+      shutil.rmtree(path, ignore_errors=True)
+
+
 def _peak(tmp_path, small, big, name):
   out = subprocess.run([sys.executable, "-c", _CHILD, str(small), str(big), str(tmp_path / name)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600,
@@ -63,15 +77,11 @@ def _peak(tmp_path, small, big, name):
 
 def test_peak_rss_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
   _generate(tmp_path / "small", 0, get_preset("tiny_v2_lite", num_nextn_predict_layers=0))
-  size1, largest1 = _generate(tmp_path / "one", 10)
-  r1 = _peak(tmp_path, tmp_path / "small", tmp_path / "one", "out1")
-  for f in os.listdir(tmp_path / "one"):  # keep the disk use down
-    os.remove(tmp_path / "one" / f)
-  size2, largest2 = _generate(tmp_path / "two", 20)
-  r2 = _peak(tmp_path, tmp_path / "small", tmp_path / "two", "out2")
+  size1, largest1, _, r1 = _measure(tmp_path, tmp_path / "small", "one", 10)
+  size2, largest2, shards2, r2 = _measure(tmp_path, tmp_path / "small", "two", 20)
   assert 0.9e9 < size1 < 1.2e9 and 1.9 < size2 / size1 < 2.1
   assert largest1 == largest2 == 32 * 512 * 512 * 4
-  assert len(os.listdir(tmp_path / "two")) > 8  # several shards
+  assert shards2 > 8  # several shards
   # The bound: the staged released-layout copy and the converted copy of one tensor, Orbax's write
   # buffers, and three save groups of at most G = max(largest, MIN_GROUP_BYTES) (one being
   # written, one being gathered, and up to G read and cast ahead by the loader threads, issue
