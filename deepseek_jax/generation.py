@@ -192,10 +192,10 @@ def _prefill(graphdef, state, tokens, lengths, max_new, eos_id, key, *, cache_le
     if not st.speculative:
       cache = Cache(cache.layers, ())  # only the speculative loop runs the MTP block
     out = model.forward(tokens, positions=positions, cache=cache, absorb=st.absorb_prefill,
-                        with_mtp=st.speculative)
+                        with_mtp=st.speculative, logits_at=last[:, None])
     widen = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, cache_len - t), (0, 0)])
     cache = jax.tree.map(widen, out.cache)  # every cache array is [..., B, S, width]
-    logits = out.logits[rows, last]  # [P, V]
+    logits = out.logits[:, 0]  # [P, V]
     if st.record_routing:
       routes = _initial_routes(out.router, model.cfg.num_experts_per_tok, cache_len, st.group)
   if st.group > 1:  # one prefill, its cache copied G ways: row p*G + g is sample g of prompt p
@@ -235,7 +235,6 @@ def _prefill_chunks(graphdef, state, tokens, last, cache_len: int, st: _Static
   n = -(-t // chunk)
   chunks = jnp.pad(tokens, ((0, 0), (0, n * chunk - t))).reshape(b, n, chunk).transpose(1, 0, 2)
   starts = jnp.arange(n, dtype=jnp.int32) * chunk                          # [n]
-  rows = jnp.arange(b)
   model = _merge(graphdef, state)
   cache = model.init_cache(b, cache_len)
   cache = Cache(cache.layers, ())  # chunked prefill is not speculative: no MTP block
@@ -244,11 +243,12 @@ def _prefill_chunks(graphdef, state, tokens, last, cache_len: int, st: _Static
     cache, kept = carry                                                    # kept [B, V]
     ids, start = xs                                                        # ids [B, chunk]
     positions = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
-    out = _merge(graphdef, state).forward(ids, positions=positions, cache=cache,
-                                          absorb=st.absorb_prefill, with_mtp=False)
     i = last - start                                                       # [B]
     here = (i >= 0) & (i < chunk)
-    picked = out.logits[rows, jnp.clip(i, 0, chunk - 1)]                    # [B, V]
+    out = _merge(graphdef, state).forward(ids, positions=positions, cache=cache,
+                                          absorb=st.absorb_prefill, with_mtp=False,
+                                          logits_at=jnp.clip(i, 0, chunk - 1)[:, None])
+    picked = out.logits[:, 0]                                              # [B, V]
     return (out.cache, jnp.where(here[:, None], picked, kept)), None
 
   kept = jnp.zeros((b, model.cfg.vocab_size), jnp.float32)

@@ -265,7 +265,8 @@ class DeepseekForCausalLM(nnx.Module):
   def forward(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
               attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
               absorb: bool = False, with_mtp: bool = True, cache: Cache | None = None,
-              routing: tuple[jax.Array, ...] | None = None) -> ModelOutput:
+              routing: tuple[jax.Array, ...] | None = None,
+              logits_at: jax.Array | None = None) -> ModelOutput:
     """Forward over input_ids [B, T] (int). `attention_mask` [B, T] marks real (non-pad) tokens;
     `segment_ids` [B, T] (packed sequences) keep attention within a segment, and then
     `positions` should restart in each (`chat.segment_positions`); `positions` default to
@@ -273,8 +274,11 @@ class DeepseekForCausalLM(nnx.Module):
     positions and the updated cache is returned. `routing` (routing replay, for RL): one int
     topk_idx [B, T, K] per MoE decoder layer in layer order (as `ModelOutput.router` lists
     them), the experts each token uses instead of the router's choice; the weights still come
-    from the router (`moe.route`). The MTP blocks always route themselves. Ids are checked by
-    `check_input_ids` (their values only outside jit)."""
+    from the router (`moe.route`). The MTP blocks always route themselves. `logits_at` [B, P]
+    (int indices into T): the main head only at those positions, logits [B, P, V] (a prefill
+    wants one position per row; the head over all of them is a [B, T, V] float32 product, half
+    a GB per 1K tokens at V3's vocabulary). Ids are checked by `check_input_ids` (their values
+    only outside jit)."""
     input_ids = check_input_ids(input_ids, self.cfg.vocab_size)
     b, t = input_ids.shape
     if positions is None:
@@ -287,7 +291,10 @@ class DeepseekForCausalLM(nnx.Module):
     x, routers, layer_cache = self.decoder(x, positions, mask, absorb,
                                            None if cache is None else cache.layers, routing)
     hidden = self.norm(x)
-    logits = self.head(hidden)
+    if logits_at is None:
+      logits = self.head(hidden)                                            # [B, T, V]
+    else:
+      logits = self.head(jnp.take_along_axis(hidden, logits_at[..., None], axis=1))  # [B, P, V]
     mtp_logits, mtp_cache = [], []
     if with_mtp and len(self.mtp):
       h = hidden

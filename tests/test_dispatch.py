@@ -52,6 +52,24 @@ def test_sorted_methods_equal_dense(n, k, used, seed, tile):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("n,k", [(1, 1), (1, 3), (2, 2), (5, 3)])
+def test_few_copies_loop_over_the_chosen_experts(n, k):
+  """Up to GATHER_MAX_COPIES copies (decoding) `blocked` and `capacity` loop over the chosen
+  experts, at most min(E, N*K) steps: equal to dense, forward and gradients, including every
+  expert chosen (5 x 3 copies over E = 8)."""
+  assert n * k <= dispatch.GATHER_MAX_COPIES
+  x, idx, w = _case(n, k, np.arange(E), n * 10 + k)
+  ws = _weights(k)
+  want = dispatch.moe_experts(x, idx, w, *ws, method="dense")
+  g_want = jax.grad(_loss("dense", 8), argnums=(0, 2, 3, 4, 5))(x, idx, w, *ws)
+  for method in ("blocked", "capacity"):
+    got = jax.jit(functools.partial(dispatch.moe_experts, method=method))(x, idx, w, *ws)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    g_got = jax.jit(jax.grad(_loss(method, 8), argnums=(0, 2, 3, 4, 5)))(x, idx, w, *ws)
+    for a, b in zip(g_got, g_want):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("method", ["ragged", "blocked", "capacity"])
 def test_all_tokens_to_one_expert(method):
   x, _, w = _case(33, 1, np.arange(E), 0)

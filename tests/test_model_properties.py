@@ -75,6 +75,20 @@ def flat_state_of(state):
   return flatten(nnx.to_pure_dict(state))
 
 
+def test_logits_at_picks_positions_and_leaves_the_rest(weights):
+  """The head at chosen positions only: those rows of the full logits; hidden, routers and MTP
+  unchanged (generation's prefill asks for each row's last prompt position)."""
+  model = model_from_flat(CFG, weights)
+  ids = _ids(b=3, t=10)
+  at = jnp.asarray([[9, 0], [4, 4], [7, 2]], jnp.int32)
+  full, some = model.forward(ids), jax.jit(lambda i, a: model.forward(i, logits_at=a))(ids, at)
+  assert some.logits.shape == (3, 2, CFG.vocab_size)
+  np.testing.assert_allclose(some.logits, np.take_along_axis(
+      np.asarray(full.logits), np.asarray(at)[..., None], axis=1), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(some.hidden, full.hidden, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(some.mtp_logits[0], full.mtp_logits[0], rtol=1e-5, atol=1e-5)
+
+
 def test_absorbed_equals_expanded(weights):
   model = model_from_flat(CFG, weights)
   ids = _ids()
