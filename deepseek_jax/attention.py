@@ -293,7 +293,8 @@ class MLAttention(nnx.Module):
     return self.o_proj(o.reshape(*o.shape[:-2], -1))
 
   def __call__(self, x: jax.Array, positions: jax.Array, *, mask: jax.Array | None = None,
-               absorb: bool = False, cache: LayerCache | StackedLayerCache | None = None
+               absorb: bool = False, cache: LayerCache | StackedLayerCache | None = None,
+               fresh_cache: bool = False
                ) -> tuple[jax.Array, LayerCache | StackedLayerCache | None]:
     """Self-attention over x [B, T, D] at integer positions [B, T]; returns [B, T, D] and the cache.
 
@@ -302,8 +303,13 @@ class MLAttention(nnx.Module):
     when given (see `attention_mask`: padding, packed segments), else those at or before its
     position. With one, their latents are first written at their positions, and they attend
     over every cached slot at or before their own position: each sequence's positions must be
-    contiguous from 0 (right padding), so all such slots hold its real tokens.
+    contiguous from 0 (right padding), so all such slots hold its real tokens. `fresh_cache`
+    (a prefill): the cache holds nothing yet, has T slots and positions are 0..T-1, so each
+    block of queries reads only the keys up to its last query, as without a cache.
     """
+    if fresh_cache and (cache is None or cache.read().c_kv.shape[1] != x.shape[1]):
+      raise ValueError("fresh_cache: needs a cache of as many slots as tokens "
+                       f"({x.shape[1]}), positions 0..T-1")
     cos, sin = rope_cos_sin(self.cfg, positions)
     q_nope, q_pe = self.queries(x, cos, sin)
     c_kv, k_pe = self.latents(x, cos, sin)
@@ -324,4 +330,5 @@ class MLAttention(nnx.Module):
         o = self.attend_decode_kernel(q_nope, q_pe, c_kv, k_pe, positions[:, 0] + 1)
         return self.output(o), cache
     attend = self.attend_absorbed if absorb else self.attend_expanded
-    return self.output(attend(q_nope, q_pe, c_kv, k_pe, mask, causal=cache is None)), cache
+    causal = cache is None or fresh_cache
+    return self.output(attend(q_nope, q_pe, c_kv, k_pe, mask, causal=causal)), cache

@@ -192,7 +192,7 @@ def _prefill(graphdef, state, tokens, lengths, max_new, eos_id, key, *, cache_le
     if not st.speculative:
       cache = Cache(cache.layers, ())  # only the speculative loop runs the MTP block
     out = model.forward(tokens, positions=positions, cache=cache, absorb=st.absorb_prefill,
-                        with_mtp=st.speculative, logits_at=last[:, None])
+                        with_mtp=st.speculative, logits_at=last[:, None], fresh_cache=True)
     widen = lambda a: jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, cache_len - t), (0, 0)])
     cache = jax.tree.map(widen, out.cache)  # every cache array is [..., B, S, width]
     logits = out.logits[:, 0]  # [P, V]

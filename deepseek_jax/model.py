@@ -105,10 +105,10 @@ class DecoderLayer(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array | None = None,
                absorb: bool = False, cache: LayerCache | StackedLayerCache | None = None,
-               topk_idx: jax.Array | None = None
+               topk_idx: jax.Array | None = None, fresh_cache: bool = False
                ) -> tuple[jax.Array, RouterOutput | None, LayerCache | StackedLayerCache | None]:
     a, cache = self.self_attn(self.input_layernorm(x), positions, mask=mask, absorb=absorb,
-                              cache=cache)
+                              cache=cache, fresh_cache=fresh_cache)
     x = x + a
     h = self.post_attention_layernorm(x)
     if self.is_moe:
@@ -130,10 +130,11 @@ class MTPLayer(nnx.Module):
     self.block = DecoderLayer(cfg, cfg.num_hidden_layers, rngs=rngs, **kw)
     self.shared_head_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
-  def __call__(self, h_prev, emb_next, positions, mask=None, absorb=False, cache=None):
+  def __call__(self, h_prev, emb_next, positions, mask=None, absorb=False, cache=None,
+               fresh_cache=False):
     """Returns h^k [B, T, D], its normed copy for the head, the router output and the cache."""
     x = self.eh_proj(jnp.concatenate([self.enorm(emb_next), self.hnorm(h_prev)], axis=-1))
-    h, r, cache = self.block(x, positions, mask, absorb, cache)
+    h, r, cache = self.block(x, positions, mask, absorb, cache, fresh_cache=fresh_cache)
     return h, self.shared_head_norm(h), r, cache
 
 
@@ -149,11 +150,11 @@ def _stack(cfg, layer_idx, count, kw, rngs) -> DecoderLayer:
 
 
 def _scan_stack(stack: DecoderLayer, x, positions, mask, absorb, remat: bool, cache,
-                topk_idx=None):
+                topk_idx=None, fresh_cache=False):
   """Runs a stacked layer group; returns the output, stacked router outputs and stacked cache.
   `topk_idx` (routing replay) is stacked like the layers: [layers, B, T, K]."""
   def body(layer, h, c, k):
-    return layer(h, positions, mask, absorb, c, k)
+    return layer(h, positions, mask, absorb, c, k, fresh_cache=fresh_cache)
 
   if remat:
     body = nnx.remat(body)
@@ -230,9 +231,10 @@ class DeepseekForCausalLM(nnx.Module):
       layers = tuple(one() for _ in range(cfg.num_hidden_layers))
     return Cache(layers, tuple(one() for _ in range(len(self.mtp))))
 
-  def decoder(self, x, positions, mask=None, absorb=False, cache=None, routing=None):
+  def decoder(self, x, positions, mask=None, absorb=False, cache=None, routing=None,
+              fresh_cache=False):
     """All decoder layers over x [B, T, D]: the un-normed output, router outputs, layer caches.
-    `routing`: per MoE layer, in order, the experts to use (see `forward`)."""
+    `routing`: per MoE layer, in order, the experts to use; `fresh_cache`: see `forward`."""
     routers: list[RouterOutput] = []
     new_cache: list[LayerCache] = []
     n_moe = sum(self.cfg.is_moe_layer(i) for i in range(self.cfg.num_hidden_layers))
@@ -244,7 +246,7 @@ class DeepseekForCausalLM(nnx.Module):
         if routing is not None and stack.is_moe:  # the MoE stack holds every MoE layer
           replay = jnp.stack(routing)
         x, r, c = _scan_stack(stack, x, positions, mask, absorb, self.cfg.remat,
-                              None if cache is None else cache[j], replay)
+                              None if cache is None else cache[j], replay, fresh_cache)
         new_cache.append(c)
         if r is not None:
           routers.extend(RouterOutput(*(a[i] for a in r)) for i in range(r.scores.shape[0]))
@@ -253,9 +255,10 @@ class DeepseekForCausalLM(nnx.Module):
       c = None if cache is None else cache[i]
       k = routing[len(routers)] if routing is not None and layer.is_moe else None
       if self.cfg.remat:
-        x, r, c = nnx.remat(lambda l, h, c, k: l(h, positions, mask, absorb, c, k))(layer, x, c, k)
+        x, r, c = nnx.remat(lambda l, h, c, k: l(h, positions, mask, absorb, c, k,
+                                                 fresh_cache=fresh_cache))(layer, x, c, k)
       else:
-        x, r, c = layer(x, positions, mask, absorb, c, k)
+        x, r, c = layer(x, positions, mask, absorb, c, k, fresh_cache=fresh_cache)
       new_cache.append(c)
       if r is not None:
         routers.append(r)
@@ -266,7 +269,7 @@ class DeepseekForCausalLM(nnx.Module):
               attention_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
               absorb: bool = False, with_mtp: bool = True, cache: Cache | None = None,
               routing: tuple[jax.Array, ...] | None = None,
-              logits_at: jax.Array | None = None) -> ModelOutput:
+              logits_at: jax.Array | None = None, fresh_cache: bool = False) -> ModelOutput:
     """Forward over input_ids [B, T] (int). `attention_mask` [B, T] marks real (non-pad) tokens;
     `segment_ids` [B, T] (packed sequences) keep attention within a segment, and then
     `positions` should restart in each (`chat.segment_positions`); `positions` default to
@@ -277,7 +280,9 @@ class DeepseekForCausalLM(nnx.Module):
     from the router (`moe.route`). The MTP blocks always route themselves. `logits_at` [B, P]
     (int indices into T): the main head only at those positions, logits [B, P, V] (a prefill
     wants one position per row; the head over all of them is a [B, T, V] float32 product, half
-    a GB per 1K tokens at V3's vocabulary). Ids are checked by `check_input_ids` (their values
+    a GB per 1K tokens at V3's vocabulary). `fresh_cache` (a prefill): the cache is empty, has T
+    slots and positions are 0..T-1; attention then skips each query block's later keys, as
+    without a cache (`MLAttention.__call__`). Ids are checked by `check_input_ids` (their values
     only outside jit)."""
     input_ids = check_input_ids(input_ids, self.cfg.vocab_size)
     b, t = input_ids.shape
@@ -289,7 +294,8 @@ class DeepseekForCausalLM(nnx.Module):
       mask = attention_mask_of(positions, positions, valid, segment_ids, segment_ids)
     x = self.embed(input_ids)  # [B, T, D]
     x, routers, layer_cache = self.decoder(x, positions, mask, absorb,
-                                           None if cache is None else cache.layers, routing)
+                                           None if cache is None else cache.layers, routing,
+                                           fresh_cache)
     hidden = self.norm(x)
     if logits_at is None:
       logits = self.head(hidden)                                            # [B, T, V]
@@ -301,7 +307,8 @@ class DeepseekForCausalLM(nnx.Module):
       for k, layer in enumerate(self.mtp, start=1):
         shifted = jnp.pad(input_ids[:, k:], ((0, 0), (0, k)))  # x_{t+k}; padding for the last k
         c = None if cache is None else cache.mtp[k - 1]
-        h, normed, r, c = layer(h, self.embed(shifted), positions, mask, absorb, c)
+        h, normed, r, c = layer(h, self.embed(shifted), positions, mask, absorb, c,
+                                fresh_cache=fresh_cache and c is not None)
         mtp_logits.append(self.head(normed))
         mtp_cache.append(c)
         routers = routers + ((r,) if r is not None else ())
