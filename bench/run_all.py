@@ -103,22 +103,30 @@ faster); the tables below are this run's. Peers always run in the same script, a
   heads (twice the work); smaller query blocks (16 or 32 rows: 48-67 ms against 38 ms at 64),
   groups of 4 or 8 heads per block (42-59 ms) and a softmax backward that recomputes the
   probabilities from the saved log-sum-exp (the same time at 16 heads) did not help, measured.
-- **Prefill vs transformers**: a 512-token prompt at batch 1 puts 64 copies on each of 32 experts
-  on average: C is 88 slots (37% slack), and the benchmark model's skewed routers push 6-17% of
-  the copies into the overflow tiles (about 14% of the prefill's op time in a profile), where
-  transformers' per-expert loop computes each group exactly. The prefill fills a fresh cache and
-  attends over it (S = T), so its attention reads every key; a prefill that knew its cache was
-  empty could skip the keys after each block as training does.
+- **Prefill vs transformers**: two costs went in this round: the head over every prompt position
+  (a [B, T, V] float32 product gathered afterwards; now `forward(logits_at=...)` at each row's
+  last position) and the keys after each query block (the prefill tells attention its cache is
+  fresh, `forward(fresh_cache=True)`, and reads only the keys up to each block's last query).
+  What is left at batch 1, in a profile of the 512-token prefill (324 ms of op time over both
+  threads): the routed experts about 59% (the bucketed [E, C, ·] matmuls at about 220 GFLOP/s,
+  but C = 88 slots for a mean of 64 copies: 37% slack; and the skewed routers' overflow, 2-8% of
+  the copies per layer in 3-8 tiles of 32 rows, whose small matmuls in the loop run several times
+  slower per row than the batched ones: about 15% of op time), the dense projections about 18%,
+  attention about 12%. transformers' per-expert loop computes exactly the routed rows; at batch
+  8 (C = 584 slots for a mean of 512: 14% slack) ours is ahead.
 - **Decode at batch 8** (544 tokens of context): one step reads about 290 MB of float32 weights
   (the 20 of 32 routed experts that 32 token copies touch in each of 7 MoE layers, plus the
-  63 MB of the rest), about 11 ms at the 26 GB/s an XLA reduction reaches here, against 42-53 ms
-  per step measured and transformers' 84 ms (5x needs 17 ms). A profile of the step: the tile
-  loop of `blocked` (the decode default) spends about 20 ms in its matmuls and about 14 ms
-  copying each tile's expert weights out of the stacked array first (XLA:CPU's dots take no
-  sliced operand); `dense` (every expert for every token) takes 77 ms a step. A decode path that
-  reads each touched expert's weights in place is where the next gain lies (not built). On the
-  Intel host transformers' decode is 1.5-2x faster than on the AMD one, and our ratio fell from
-  4.8x to 1.7-1.8x. Long contexts are where the latent cache pays (the 8K rows: over 20x).
+  63 MB of the rest), about 11 ms at the 26 GB/s an XLA reduction reaches here, against
+  transformers' 84 ms (5x needs 17 ms). Up to 16 copies (batch 1 to 4 at top-4) decoding now
+  loops over the chosen experts, each step reading its expert's weights in place (7 MoE layers,
+  one token: 3.1 ms against 16 ms for gathering each copy's weights; batch-1 decode about 1.7x ->
+  2.1x transformers). At batch 8 the step stays on `blocked`'s tile loop: in a profile its
+  matmuls take about 19 ms and copying each tile's expert weights out of the stacked array
+  about 14 ms (XLA:CPU's dots take no sliced operand). Measured for the 7 MoE layers alone:
+  blocked 32 ms, the chosen-experts loop 31 ms, all 32 experts as one batched matmul (every
+  expert's weights read once at the GEMM's rate) 24 ms; but with 64 experts top-6 at hidden
+  1024 the all-experts product is 89 ms against blocked's 56 ms, so it is not the default. Long
+  contexts are where the latent cache pays (the 8K rows: over 20x).
 - **Conversion vs raw reads**: reads, checks, casts and transposes run in loader threads ahead of
   the Orbax writer within a byte budget; the rest is CPU-bound here (0.65-0.7 CPU seconds per
   0.39 GB even from the page cache, against 0.06 s for the raw read), and two partial Orbax saves
