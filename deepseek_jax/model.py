@@ -45,7 +45,7 @@ class Cache(NamedTuple):
 
 
 class ModelOutput(NamedTuple):
-  logits: jax.Array                    # [B, T, V] float32
+  logits: jax.Array                    # [B, T, V] float32 ([B, P, V] with forward's logits_at)
   hidden: jax.Array                    # [B, T, D] after the final norm
   mtp_logits: tuple[jax.Array, ...]    # per depth k: [B, T, V] float32, position t predicts x_{t+k+1}
   router: tuple[RouterOutput, ...]     # per MoE layer in layer order, then the MTP blocks'
