@@ -96,7 +96,9 @@ faster); the tables below are this run's. Peers always run in the same script, a
   scores cache-sized, keys after the block skipped), 1.3-2x faster than one [B, H, T, S] softmax
   at 256 tokens and 2.6-4.7x at 1K-4K (bench/attention.py, `attention._query_blocks`). Going
   from 4 to 8 heads adds about as many milliseconds to our step as to transformers' (a different
-  router draw adds its own overflow too), so the ratio at 8 heads sits below the one at 4.
+  router draw adds its own overflow too), so the ratio at 8 heads sits below the one at 4. It
+  sits on the target: 1.31x in the make bench of 2026-11-30 16:11 UTC, 1.25x in the one of 19:23
+  UTC (the training code unchanged between them), 1.23-1.26x in quick runs.
 - **Attention from 8 to 16 heads**: in all, ours is below torch's fused SDPA at 4 and 8 heads
   and about 1.15x it at 16; each head from 8 to 16 costs us more than it (2.7 vs 1.6-1.8 ms).
   A profile shows the score product and the softmax's reductions growing 4-5x from 8 to 16
@@ -125,8 +127,11 @@ faster); the tables below are this run's. Peers always run in the same script, a
   about 14 ms (XLA:CPU's dots take no sliced operand). Measured for the 7 MoE layers alone:
   blocked 32 ms, the chosen-experts loop 31 ms, all 32 experts as one batched matmul (every
   expert's weights read once at the GEMM's rate) 24 ms; but with 64 experts top-6 at hidden
-  1024 the all-experts product is 89 ms against blocked's 56 ms, so it is not the default. Long
-  contexts are where the latent cache pays (the 8K rows: over 20x).
+  1024 the all-experts product is 89 ms against blocked's 56 ms, so it is not the default. With
+  plain decoding faster, MTP speculation at batch 1 no longer pays even with every draft accepted
+  (generate's table: 0.89x in this run, 1.07x before): a two-token step reads the experts of both
+  tokens, about twice the weights. Long contexts are where the latent cache pays (the 8K rows:
+  over 20x).
 - **Conversion vs raw reads**: reads, checks, casts and transposes run in loader threads ahead of
   the Orbax writer within a byte budget; the rest is CPU-bound here (0.65-0.7 CPU seconds per
   0.39 GB even from the page cache, against 0.06 s for the raw read), and two partial Orbax saves
