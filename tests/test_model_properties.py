@@ -200,3 +200,21 @@ def test_ids_as_lists_work_and_jit_checks_only_shapes(weights):
   bad = jnp.asarray([[1, CFG.vocab_size]])
   with pytest.raises(ValueError, match="outside the vocabulary"):
     nnx.jit(lambda m: m(bad))(model)
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(scan_layers=True), dict(weight_quant="int8"),
+                                    dict(weight_quant="fp8", lora_rank=2)])
+def test_variable_specs_equal_a_trace_with_each_param_dtype(layout):
+  """variable_specs traces once for every param_dtype; each answer is what a trace with that
+  dtype gives (the float32 router bias, quantized storage and scales keep their own dtypes)."""
+  from deepseek_jax.params import abstract_model, variable_specs
+  cfg = CFG.replace(**layout)
+  for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+    want = {p: (tuple(v.shape), np.dtype(v.dtype))
+            for p, v in flat_state(abstract_model(cfg, param_dtype=dtype)).items()}
+    got = {p: (tuple(s.shape), np.dtype(s.dtype))
+           for p, s in variable_specs(cfg, param_dtype=dtype).items()}
+    assert got == want
+    kept = {d for _, d in got.values()} - {np.dtype(dtype)}
+    if dtype != jnp.float32:
+      assert np.dtype(np.float32) in kept  # the router bias at least keeps float32
