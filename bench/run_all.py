@@ -133,10 +133,19 @@ faster); the tables below are this run's. Peers always run in the same script, a
   tokens, about twice the weights. Long contexts are where the latent cache pays (the 8K rows:
   over 20x).
 - **Conversion vs raw reads**: reads, checks, casts and transposes run in loader threads ahead of
-  the Orbax writer within a byte budget; the rest is CPU-bound here (0.65-0.7 CPU seconds per
-  0.39 GB even from the page cache, against 0.06 s for the raw read), and two partial Orbax saves
-  in flight into one checkpoint fail in orbax-checkpoint 0.12.8. On a slower disk (network
-  storage) the ratio rises; closing it here needs a writer that takes several groups at once.
+  the Orbax writer within a byte budget; the writer is the critical path. Partial saves go one
+  at a time (two in flight into one checkpoint fail in orbax-checkpoint 0.12.8), and each 52 MB
+  group took 0.1-0.27 s, much of it Orbax's own work per save (metadata merges, a new OCDBT
+  directory per save): the same arrays saved in 0.95-2.6 s as one group and in 1.7-3.7 s in
+  64 MiB groups (repeated in one process). Larger groups outgrow the memory test's margin
+  (128 MiB groups: 427 MiB of peak RSS growth, against a third of a 1 GB checkpoint).
+  Since this run the model's abstract trace runs once per conversion instead of twice (0.4 s of
+  CPU); `python bench/convert.py` alone then measured 0.60 (3.34 s against 2.01 s).
+  The raw read here pays for this VM's memory: memory freed for about 2 s goes back to the host
+  (virtio_balloon free page reporting), and its next first touch costs about 2.6 s per GB. Read
+  right after the eviction the files took 0.9 s, after a 4 s pause 2.0 s; with 3 GB of memory
+  touched just before each side (a scratch run) the raw read took 0.73 s and the conversion
+  3.1 s, 23%: against the disk's own speed the conversion is far from the target.
 """
 
 
