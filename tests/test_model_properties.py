@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from deepseek_jax import get_preset
+from deepseek_jax import get_preset, params
 from deepseek_jax.model import DeepseekForCausalLM, replace_config
-from deepseek_jax.params import flat_state, flatten, model_from_flat
+from deepseek_jax.params import abstract_model, flat_state, flatten, model_from_flat, variable_specs
 
 CFG = get_preset("tiny_v3")
 
@@ -204,11 +204,13 @@ def test_ids_as_lists_work_and_jit_checks_only_shapes(weights):
 
 @pytest.mark.parametrize("layout", [dict(), dict(scan_layers=True), dict(weight_quant="int8"),
                                     dict(weight_quant="fp8", lora_rank=2)])
-def test_variable_specs_equal_a_trace_with_each_param_dtype(layout):
+def test_variable_specs_trace_once_and_equal_a_trace_with_each_param_dtype(layout, monkeypatch):
   """variable_specs traces once for every param_dtype; each answer is what a trace with that
   dtype gives (the float32 router bias, quantized storage and scales keep their own dtypes)."""
-  from deepseek_jax.params import abstract_model, variable_specs
-  cfg = CFG.replace(**layout)
+  cfg = CFG.replace(**layout, initializer_range=0.0123)  # a config no other test has traced
+  traced = []
+  monkeypatch.setattr(params, "abstract_model",
+                      lambda *a, **k: traced.append(k) or abstract_model(*a, **k))
   for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
     want = {p: (tuple(v.shape), np.dtype(v.dtype))
             for p, v in flat_state(abstract_model(cfg, param_dtype=dtype)).items()}
@@ -218,3 +220,4 @@ def test_variable_specs_equal_a_trace_with_each_param_dtype(layout):
     kept = {d for _, d in got.values()} - {np.dtype(dtype)}
     if dtype != jnp.float32:
       assert np.dtype(np.float32) in kept  # the router bias at least keeps float32
+  assert len(traced) == 1
