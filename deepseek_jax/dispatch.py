@@ -150,14 +150,14 @@ def _chosen_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down):
 
 
 # Up to this many token copies, `blocked` loops over the chosen experts (`_chosen_experts`).
-GATHER_MAX_COPIES = 16
+CHOSEN_LOOP_MAX_COPIES = 16
 
 
 def _blocked(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
   n, k = topk_idx.shape
   e, d = w_gate.w.shape[0], x.shape[-1]
   m = n * k
-  if m <= GATHER_MAX_COPIES:
+  if m <= CHOSEN_LOOP_MAX_COPIES:
     return _chosen_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down)
   tile = tile_size(m, e, tile)
   num_tiles = -(-(m + e * (tile - 1)) // tile)  # static bound on the padded row count
@@ -343,7 +343,7 @@ def _capacity(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
   n, k = topk_idx.shape
   e = w_gate.w.shape[0]
   m = n * k
-  if m <= GATHER_MAX_COPIES or m < CAPACITY_MIN_COPIES_PER_EXPERT * e:
+  if m <= CHOSEN_LOOP_MAX_COPIES or m < CAPACITY_MIN_COPIES_PER_EXPERT * e:
     return _blocked(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile)
   c = capacity(m, e)
   s = e * c

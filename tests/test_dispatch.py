@@ -54,10 +54,10 @@ def test_sorted_methods_equal_dense(n, k, used, seed, tile):
 
 @pytest.mark.parametrize("n,k", [(1, 1), (1, 3), (2, 2), (5, 3)])
 def test_few_copies_loop_over_the_chosen_experts(n, k):
-  """Up to GATHER_MAX_COPIES copies (decoding) `blocked` and `capacity` loop over the chosen
+  """Up to CHOSEN_LOOP_MAX_COPIES copies (decoding) `blocked` and `capacity` loop over the chosen
   experts, at most min(E, N*K) steps: equal to dense, forward and gradients, including every
   expert chosen (5 x 3 copies over E = 8)."""
-  assert n * k <= dispatch.GATHER_MAX_COPIES
+  assert n * k <= dispatch.CHOSEN_LOOP_MAX_COPIES
   x, idx, w = _case(n, k, np.arange(E), n * 10 + k)
   ws = _weights(k)
   want = dispatch.moe_experts(x, idx, w, *ws, method="dense")
