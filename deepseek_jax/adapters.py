@@ -21,7 +21,7 @@ from deepseek_jax import checkpoint
 from deepseek_jax.config import LORA_TARGETS, DeepseekConfig
 from deepseek_jax.json_file import read_json_object
 from deepseek_jax.layers import Embed, Linear, LoRAParam
-from deepseek_jax.model import DeepseekForCausalLM
+from deepseek_jax.model import DeepseekForCausalLM, seeded_model
 from deepseek_jax.moe import RoutedExperts
 from deepseek_jax.params import (abstract_model, flat_state, flatten, model_from_flat, to_scanned,
                                  to_unrolled, variable_specs)
@@ -62,8 +62,7 @@ def with_adapters(model: DeepseekForCausalLM, *, rank: int, alpha: float = 16.0,
   paths = adapter_paths(cfg)
 
   def init():
-    fresh = DeepseekForCausalLM(cfg, dtype=model.dtype, param_dtype=model.param_dtype,
-                                rngs=nnx.Rngs(seed))
+    fresh = seeded_model(cfg, dtype=model.dtype, param_dtype=model.param_dtype, seed=seed)
     return adapter_state(fresh)  # only these are computed: the rest is dead code to XLA
 
   fresh = jax.jit(init, out_shardings=_placed(cfg, paths, mesh, rules))()

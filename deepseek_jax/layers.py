@@ -29,6 +29,15 @@ class LoRAParam(nnx.Param):
   master weights of training), whatever the frozen base is stored in."""
 
 
+def param_key(rngs: nnx.Rngs) -> jax.Array:
+  """The next key of the `params` stream: the same key as `rngs.params()`, drawn eagerly where
+  the stream's counter is concrete (`model.seeded_model` traced, with `model.CONCRETE_KEYS`), so
+  that the counter never becomes a tracer (whose every update was quadratic in the size of the
+  trace before jax 0.12; see there)."""
+  with jax.ensure_compile_time_eval():
+    return rngs.params()
+
+
 def dense_init(cfg: DeepseekConfig):
   return nnx.initializers.normal(stddev=cfg.initializer_range)
 
@@ -45,7 +54,7 @@ def frozen_weight(cfg: DeepseekConfig, shape: tuple[int, ...], init, rngs: nnx.R
   """(weight, scale): an initialised float weight, or with `cfg.weight_quant` its stored form
   (zeros: quantized bases come from checkpoints) and a float32 scale (see `quant`)."""
   if cfg.weight_quant == "none":
-    return nnx.Param(init(rngs.params(), shape, param_dtype)), None
+    return nnx.Param(init(param_key(rngs), shape, param_dtype)), None
   mode = cfg.weight_quant
   return (nnx.Param(jnp.zeros(shape, quant.storage_dtype(mode))),
           nnx.Param(jnp.ones(quant.scale_shape(shape, mode, rows=rows), jnp.float32)))
@@ -68,7 +77,7 @@ class Linear(nnx.Module):
     self.lora_scale = cfg.lora_scale if cfg.has_lora(name) else 0.0
     if self.lora_scale:
       r = cfg.lora_rank
-      self.lora_a = LoRAParam(lora_init(d_in)(rngs.params(), (d_in, r), jnp.float32))
+      self.lora_a = LoRAParam(lora_init(d_in)(param_key(rngs), (d_in, r), jnp.float32))
       self.lora_b = LoRAParam(jnp.zeros((r, d_out), jnp.float32))
 
   def base_kernel(self, dtype=None) -> jax.Array:

@@ -40,7 +40,7 @@ from flax import nnx
 from deepseek_jax import dispatch, quant
 from deepseek_jax.config import DeepseekConfig
 from deepseek_jax.expert_parallel import routed_experts
-from deepseek_jax.layers import MLP, LoRAParam, dense_init, frozen_weight, lora_init
+from deepseek_jax.layers import MLP, LoRAParam, dense_init, frozen_weight, lora_init, param_key
 
 _BF16 = jnp.bfloat16
 
@@ -140,8 +140,8 @@ class Router(nnx.Module):
 
   def __init__(self, cfg: DeepseekConfig, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.kernel = nnx.Param(dense_init(cfg)(rngs.params(), (cfg.hidden_size, cfg.n_routed_experts),
-                                            param_dtype))
+    self.kernel = nnx.Param(dense_init(cfg)(
+        param_key(rngs), (cfg.hidden_size, cfg.n_routed_experts), param_dtype))
     if cfg.topk_method == "noaux_tc":
       self.e_score_correction_bias = RouterBias(jnp.zeros((cfg.n_routed_experts,), jnp.float32))
 
@@ -183,7 +183,7 @@ class RoutedExperts(nnx.Module):
     if self.lora_scale:
       r = cfg.lora_rank
       for name, (k, n) in zip(self.PROJECTIONS, ((d, i), (d, i), (i, d))):
-        setattr(self, f"{name}_lora_a", LoRAParam(lora_init(k)(rngs.params(), (e, k, r),
+        setattr(self, f"{name}_lora_a", LoRAParam(lora_init(k)(param_key(rngs), (e, k, r),
                                                                 jnp.float32)))
         setattr(self, f"{name}_lora_b", LoRAParam(jnp.zeros((e, r, n), jnp.float32)))
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.config import DeepseekConfig
-from deepseek_jax.model import DeepseekForCausalLM
+from deepseek_jax.model import seeded_model
 from deepseek_jax.params import abstract_model, flat_state
 from deepseek_jax.sharding.rules import MeshAxes, param_shardings
 
@@ -64,8 +64,7 @@ def create_sharded(cfg: DeepseekConfig, mesh: jax.sharding.Mesh,
   out_shardings = _map_with_paths(lambda p, _: shardings[p], nnx.to_pure_dict(abstract_state))
 
   def init():
-    model = DeepseekForCausalLM(cfg, dtype=dtype, param_dtype=param_dtype,
-                                rngs=nnx.Rngs(rngs_seed))
+    model = seeded_model(cfg, dtype=dtype, param_dtype=param_dtype, seed=rngs_seed)
     return nnx.to_pure_dict(nnx.state(model))
 
   with jax.set_mesh(mesh):
