@@ -139,8 +139,10 @@ faster); the tables below are this run's. Peers always run in the same script, a
   directory per save): the same arrays saved in 0.95-2.6 s as one group and in 1.7-3.7 s in
   64 MiB groups (repeated in one process). Larger groups outgrow the memory test's margin
   (128 MiB groups: 427 MiB of peak RSS growth, against a third of a 1 GB checkpoint).
-  Since this run the model's abstract trace runs once per conversion instead of twice (0.4 s of
-  CPU); `python bench/convert.py` alone then measured 0.60 (3.34 s against 2.01 s).
+  Since this run the model's abstract trace runs once per conversion instead of twice, and in
+  half the time on jax 0.10 (`model.CONCRETE_KEYS`): 0.9 s -> 0.2 s of this conversion's CPU;
+  `python bench/convert.py` alone then measured 0.60 and 0.45 in two runs (3.34 s against
+  2.01 s; 3.66 s against 1.64 s).
   The raw read here pays for this VM's memory: memory freed for about 2 s goes back to the host
   (virtio_balloon free page reporting), and its next first touch costs about 2.6 s per GB. Read
   right after the eviction the files took 0.9 s, after a 4 s pause 2.0 s; with 3 GB of memory
