@@ -32,8 +32,8 @@ class LoRAParam(nnx.Param):
 def param_key(rngs: nnx.Rngs) -> jax.Array:
   """The next key of the `params` stream: the same key as `rngs.params()`, drawn eagerly where
   the stream's counter is concrete (`model.seeded_model` traced, with `model.CONCRETE_KEYS`), so
-  that the counter never becomes a tracer (whose every update was quadratic in the size of the
-  trace before jax 0.12; see there)."""
+  that the counter never becomes a tracer: before jax 0.12 each update of a traced counter cost
+  a walk over the whole trace so far (see `model.CONCRETE_KEYS`)."""
   with jax.ensure_compile_time_eval():
     return rngs.params()
 
