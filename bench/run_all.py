@@ -143,9 +143,10 @@ faster); the tables below are this run's. Peers always run in the same script, a
   half the time on jax 0.10 (`model.CONCRETE_KEYS`): 0.9 s -> 0.2 s of this conversion's CPU;
   `python bench/convert.py` alone then measured 0.60 and 0.45 in two runs (3.34 s against
   2.01 s; 3.66 s against 1.64 s).
-  The raw read here pays for this VM's memory: memory freed for about 2 s goes back to the host
-  (virtio_balloon free page reporting), and its next first touch costs about 2.6 s per GB. Read
-  right after the eviction the files took 0.9 s, after a 4 s pause 2.0 s; with 3 GB of memory
+  The raw read here pays for this VM's memory: memory left free for a few seconds costs about
+  2.6 s per GB at its next first touch (a fresh 1 GiB array: 2.7 s, then 0.17 s; as if given
+  back to the host: `virtio_balloon` is loaded here). Read right after the eviction the files
+  took 0.9 s, after a 4 s pause 2.0 s; with 3 GB of memory
   touched just before each side (a scratch run) the raw read took 0.73 s and the conversion
   3.1 s, 23%: against the disk's own speed the conversion is far from the target.
 """
