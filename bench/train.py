@@ -9,7 +9,9 @@ flushes denormals to zero as XLA does on CPU (without that, transformers' first 
 about 12 s each on this machine, as Adam's second moments underflow). Each
 side does a full optimizer step: forward, backward, global-norm clip 1.0, AdamW. MFU is tokens/s
 x the config's training FLOPs per token over this machine's best float32 matmul rate, measured in
-the same run.
+the same run. The script starts itself again with glibc's huge pages for large allocations, as our
+training command lines do (`deepseek_jax.host_memory`; the tables say whether that was in effect);
+transformers runs in the same process, under the same setting.
 
 Mid-size (ours only; the MFU target): hidden 1024, 8 layers (1 dense), 32 routed experts top-4 of
 width 512 plus one shared, MLA with 8 heads, vocab 8192, batch 4 x 512, float32 AdamW. Achieved
@@ -40,7 +42,7 @@ import numpy as np
 from flax import nnx
 
 from bench import common
-from deepseek_jax import DeepseekConfig, dispatch, optim
+from deepseek_jax import DeepseekConfig, dispatch, host_memory, optim
 from deepseek_jax.model import DeepseekForCausalLM
 from deepseek_jax.train_config import TrainConfig
 from deepseek_jax.train_step import make_train_step
@@ -158,9 +160,14 @@ def main():
                  help="attention heads of the tiny config, comma-separated: a table each")
   p.add_argument("--no_mid", action="store_true", help="skip the mid-size config")
   args = p.parse_args()
+  host_memory.reexec_with_huge_pages()  # as our training command lines start
   roof = common.matmul_roof_gflops()
+  tunables = os.environ.get("GLIBC_TUNABLES", "")
   md = [f"Machine: {common.machine()['cpu']}, {os.cpu_count()} cores; best float32 matmul "
-        f"{roof['gflops']:.0f} GFLOP/s {roof['shape']} (the MFU denominator).", ""]
+        f"{roof['gflops']:.0f} GFLOP/s {roof['shape']} (the MFU denominator). Both sides run in "
+        f"one process with GLIBC_TUNABLES={tunables or '(unset)'} (transparent huge pages: "
+        f"{host_memory.transparent_huge_pages()}), as our training command lines start "
+        "(`deepseek_jax.host_memory`).", ""]
   runs = []
   for h in dict.fromkeys(int(h) for h in args.heads.split(",")):
     cfg = CFG.replace(num_attention_heads=h, num_key_value_heads=h)
@@ -175,7 +182,7 @@ def main():
   rows = [[r["implementation"], r["ms"], r["tokens_per_s"]] for r in runs[0]["rows"]]
   common.save_result("train", {
       "machine": common.machine(), "versions": common.versions(), "roof": roof,
-      "batch": [B, T], "tiny": runs,
+      "batch": [B, T], "tiny": runs, "glibc_tunables": tunables,
       "mid": [dict(zip(["implementation", "ms", "tokens_per_s", "gflops", "mfu"], r))
               for r in mid_rows],
       "markdown": "\n".join(md),

@@ -9,6 +9,8 @@
   errors only, unless `--verbosity` is given.
 - `cpu_only=True` (the plan CLIs, which touch no device) pins JAX to the CPU unless JAX_PLATFORMS
   says otherwise, so no accelerator backend is probed.
+- `huge_pages=True` (the training CLIs) first runs the command again with glibc's huge pages for
+  large allocations where the kernel offers them (`host_memory.reexec_with_huge_pages`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import sys
 from typing import Callable
 
 from absl import app, flags, logging
+
+from deepseek_jax import host_memory
 
 EXIT_BAD_INPUT = 2
 EXPECTED_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
@@ -61,8 +65,11 @@ def _verbose() -> bool:
   return f.present and f.value >= 1
 
 
-def run(main: Callable[[list[str]], object], *, cpu_only: bool = False) -> None:
+def run(main: Callable[[list[str]], object], *, cpu_only: bool = False,
+        huge_pages: bool = False) -> None:
   """`absl.app.run(main)` with the behaviour described in the module docstring."""
+  if huge_pages:
+    host_memory.reexec_with_huge_pages()
 
   def wrapped(argv):
     if not flags.FLAGS["verbosity"].present:
