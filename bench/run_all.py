@@ -92,30 +92,41 @@ faster); the tables below are this run's. Peers always run in the same script, a
   and run at the dispatch ratio above; the randomly initialised routers of the benchmark models
   are skewed (the largest group 1.5-4x the mean: 6-27% of the copies overflow C into the tile
   loop), and the rest of the step is many small ops (norms, RoPE, router, the optimizer update).
-- **Training vs transformers**: since issue 17 attention runs by blocks of queries (each block's
+  41% in this run, 45% in the one before (without huge pages; see the next item). Measured
+  alone, in three alternating pairs, the step took 7.8, 7.9 and 8.5 s with glibc's huge pages
+  and 8.7, 8.3 and 8.2 s without: within this machine's noise either way, and far from 60%.
+- **Training vs transformers** (met in this run: 1.47x at 4 heads, 1.37x at 8). A training step's
+  temporaries are one XLA:CPU buffer (209 MiB at 8 heads) that glibc maps afresh at every step and
+  unmaps after it: about 54,000 page faults a step. bench/train.py now runs as our training
+  command lines do, with glibc's huge pages for large allocations (`deepseek_jax.host_memory`;
+  transformers runs in the same process, under the same setting): about 1,000 faults a step, and
+  our 8-head step took 222-234 ms against 266-288 ms without (three runs each); transformers' step
+  measured 349 against 357 ms (one pair). Without it the 8-head ratio sat on the target (1.31x and
+  1.25x in the make bench runs of 2026-11-30). Attention runs by blocks of queries (each block's
   scores cache-sized, keys after the block skipped), 1.3-2x faster than one [B, H, T, S] softmax
-  at 256 tokens and 2.6-4.7x at 1K-4K (bench/attention.py, `attention._query_blocks`). Going
-  from 4 to 8 heads adds about as many milliseconds to our step as to transformers' (a different
-  router draw adds its own overflow too), so the ratio at 8 heads sits below the one at 4. It
-  sits on the target: 1.31x in the make bench of 2026-11-30 16:11 UTC, 1.25x in the one of 19:23
-  UTC (the training code unchanged between them), 1.23-1.26x in quick runs.
-- **Attention from 8 to 16 heads**: in all, ours is below torch's fused SDPA at 4 and 8 heads
-  and about 1.15x it at 16; each head from 8 to 16 costs us more than it (2.7 vs 1.6-1.8 ms).
+  at 256 tokens and 2.6-4.7x at 1K-4K (bench/attention.py, `attention._query_blocks`). The peers'
+  table (MaxText, EasyDeL) runs every side, ours included, without huge pages.
+- **Attention from 8 to 16 heads** (met in this run, on the line): each head from 8 to 16 cost
+  us 2.5 ms in this run and 2.7 ms in earlier ones, and torch's fused SDPA 2.9 ms in this run
+  and 1.6-2.0 ms in earlier ones.
   A profile shows the score product and the softmax's reductions growing 4-5x from 8 to 16
   heads (twice the work); smaller query blocks (16 or 32 rows: 48-67 ms against 38 ms at 64),
   groups of 4 or 8 heads per block (42-59 ms) and a softmax backward that recomputes the
   probabilities from the saved log-sum-exp (the same time at 16 heads) did not help, measured.
-- **Prefill vs transformers**: two costs went in this round: the head over every prompt position
-  (a [B, T, V] float32 product gathered afterwards; now `forward(logits_at=...)` at each row's
-  last position) and the keys after each query block (the prefill tells attention its cache is
-  fresh, `forward(fresh_cache=True)`, and reads only the keys up to each block's last query).
-  What is left at batch 1, in a profile of the 512-token prefill (324 ms of op time over both
-  threads): the routed experts about 59% (the bucketed [E, C, ·] matmuls at about 220 GFLOP/s,
-  but C = 88 slots for a mean of 64 copies: 37% slack; and the skewed routers' overflow, 2-8% of
-  the copies per layer in 3-8 tiles of 32 rows, whose small matmuls in the loop run several times
-  slower per row than the batched ones: about 15% of op time), the dense projections about 18%,
-  attention about 12%. transformers' per-expert loop computes exactly the routed rows; at batch
-  8 (C = 584 slots for a mean of 512: 14% slack) ours is ahead.
+- **Prefill vs transformers** (batch 1: 1.05x and 1.08x in the last two runs; batch 8: 1.58x and
+  1.47x): two costs went in this round: the head over every prompt position (a [B, T, V] float32
+  product gathered afterwards; now `forward(logits_at=...)` at each row's last position) and the
+  keys after each query block (the prefill tells attention its cache is fresh,
+  `forward(fresh_cache=True)`, and reads only the keys up to each block's last query). What is
+  left at batch 1, in a profile of the 512-token prefill (324 ms of op time over both threads):
+  the routed experts about 59% (the bucketed [E, C, ·] matmuls at about 220 GFLOP/s, but C = 88
+  slots for a mean of 64 copies: 37% slack; and the skewed routers' overflow, 2-8% of the copies
+  per layer in 3-8 tiles of 32 rows, whose small matmuls in the loop run several times slower per
+  row than the batched ones: about 15% of op time), the dense projections about 18%, attention
+  about 12%. transformers' per-expert loop computes exactly the routed rows; at batch 8 (C = 584
+  slots for a mean of 512: 14% slack) ours is ahead. glibc's huge pages change nothing here (our
+  512-token prefill: 234 and 235 ms with, 234 and 239 ms without; its temporaries are reused in
+  glibc's arenas: tens of page faults a run), so generation runs without.
 - **Decode at batch 8** (544 tokens of context): one step reads about 290 MB of float32 weights
   (the 20 of 32 routed experts that 32 token copies touch in each of 7 MoE layers, plus the
   63 MB of the rest), about 11 ms at the 26 GB/s an XLA reduction reaches here, against
@@ -127,7 +138,12 @@ faster); the tables below are this run's. Peers always run in the same script, a
   about 14 ms (XLA:CPU's dots take no sliced operand). Measured for the 7 MoE layers alone:
   blocked 32 ms, the chosen-experts loop 31 ms, all 32 experts as one batched matmul (every
   expert's weights read once at the GEMM's rate) 24 ms; but with 64 experts top-6 at hidden
-  1024 the all-experts product is 89 ms against blocked's 56 ms, so it is not the default. With
+  1024 the all-experts product is 89 ms against blocked's 56 ms, so it is not the default.
+  One array per expert, picked by `lax.switch` inside the chosen-experts loop (each branch's
+  dots read their own weights in place), took 22 ms against blocked's 32 ms, but splitting the
+  stacked weights costs a second copy of every routed expert (or a copy per step), so it is not
+  adopted; the expert products written as multiply-and-reduce (no dot, weights gathered per copy
+  or sliced per expert) took 108-331 ms. With
   plain decoding faster, MTP speculation at batch 1 no longer pays even with every draft accepted
   (generate's table: 0.89x in this run, 1.07x before): a two-token step reads the experts of both
   tokens, about twice the weights. Long contexts are where the latent cache pays (the 8K rows:
@@ -139,10 +155,11 @@ faster); the tables below are this run's. Peers always run in the same script, a
   directory per save): the same arrays saved in 0.95-2.6 s as one group and in 1.7-3.7 s in
   64 MiB groups (repeated in one process). Larger groups outgrow the memory test's margin
   (128 MiB groups: 427 MiB of peak RSS growth, against a third of a 1 GB checkpoint).
-  Since this run the model's abstract trace runs once per conversion instead of twice, and in
-  half the time on jax 0.10 (`model.CONCRETE_KEYS`): 0.9 s -> 0.2 s of this conversion's CPU;
-  `python bench/convert.py` alone then measured 0.60 and 0.45 in two runs (3.34 s against
-  2.01 s; 3.66 s against 1.64 s).
+  The model's abstract trace now runs once per conversion instead of twice, and in half the
+  time on jax 0.10 (`model.CONCRETE_KEYS`): 0.9 s -> 0.2 s of this conversion's CPU. The table
+  measured 54% in the run before that change and 47% in this one (4.02 s against 1.88 s);
+  `python bench/convert.py` alone measured 0.60 and 0.45 (3.34 s against 2.01 s; 3.66 s against
+  1.64 s): the spread is the machine's.
   The raw read here pays for this VM's memory: memory left free for a few seconds costs about
   2.6 s per GB at its next first touch (a fresh 1 GiB array: 2.7 s, then 0.17 s; as if given
   back to the host: `virtio_balloon` is loaded here). Read right after the eviction the files

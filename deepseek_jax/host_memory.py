@@ -1,25 +1,24 @@
 """Transparent huge pages for the host memory of XLA:CPU programs that run many times (training).
 
 Why: XLA:CPU allocates all of one execution's temporaries as one buffer, with `posix_memalign`
-from a worker thread. glibc serves a request that large (over 64 MB) in a worker thread's arena
-by `mmap` and gives it back with `munmap` when it is freed, so every execution faults all its
-pages in again, 4 KiB at a time. The tiny training step of bench/train.py (8 heads) allocates
+from a worker thread. glibc serves a request that large (above 32 MB at most; a worker thread's
+arena holds nothing over 64 MB) with an `mmap` of its own and gives it back with `munmap` when it
+is freed, so every execution faults all its pages in again, 4 KiB at a time. The tiny training step of bench/train.py (8 heads) allocates
 209 MiB per step this way: about 54,000 page faults a step. Where the kernel gives transparent
-huge pages on request (`/sys/kernel/mm/transparent_hugepage/enabled` is `madvise`, the common
-default), glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35 and later) asks for them on
-those mappings: about 1,000 faults a step, and the step measured 266-288 ms -> 222-234 ms on
-this 2-core VM (`bench/train.py`'s tiny config, four runs each). Prefill and decode, whose
-temporaries fit the arenas, measured the same with and without, and the mid-size training step
-(seconds a step) within its noise.
-PyTorch's CPU allocator offers the same for its tensors (`THP_MEM_ALLOC_ENABLE=1`).
+huge pages on request (`/sys/kernel/mm/transparent_hugepage/enabled` is `madvise`, a common
+default), glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35 and later) makes malloc request
+them (`madvise(MADV_HUGEPAGE)`) for its mappings: about 1,000 faults a step, and the step took
+222-234 ms against 266-288 ms on this 2-core VM (three runs each). Our prefill and decode, whose
+temporaries fit the arenas, measured the same with and without. PyTorch's CPU allocator has a
+switch of its own for the same (`THP_MEM_ALLOC_ENABLE=1`).
 
 glibc reads its tunables only when a process starts, so `reexec_with_huge_pages` runs the same
 command again (same interpreter, arguments and working directory) with the tunable added to
-`GLIBC_TUNABLES`, before anything else happens. The training command lines do this
+`GLIBC_TUNABLES`, before the command does anything. The training command lines do this
 (`cli.run(main, huge_pages=True)`); a script of one's own can call it first thing. A notebook
-kernel is never re-executed: start its process with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`. Where the tunable is already set, the
-kernel gives huge pages always or never, the C library is not glibc 2.35+, or
-`DEEPSEEK_JAX_HUGE_PAGES=0`, nothing happens.
+kernel is never re-executed: start its process with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`.
+Nothing happens where the tunable is already set, the kernel gives huge pages always or never,
+the C library is not glibc 2.35 or later, or `DEEPSEEK_JAX_HUGE_PAGES=0`.
 """
 
 from __future__ import annotations
