@@ -1,14 +1,15 @@
 """Transparent huge pages for the host memory of XLA:CPU programs that run many times (training).
 
-Why: XLA:CPU allocates all of one execution's temporaries as one buffer, with `posix_memalign`
-from a worker thread. glibc serves a request that large (above 32 MB at most; a worker thread's
-arena holds nothing over 64 MB) with an `mmap` of its own and gives it back with `munmap` when it
-is freed, so every execution faults all its pages in again, 4 KiB at a time. The tiny training step of bench/train.py (8 heads) allocates
-209 MiB per step this way: about 54,000 page faults a step. Where the kernel gives transparent
-huge pages on request (`/sys/kernel/mm/transparent_hugepage/enabled` is `madvise`, a common
-default), glibc's tunable `glibc.malloc.hugetlb=1` (glibc 2.35 and later) makes malloc request
-them (`madvise(MADV_HUGEPAGE)`) for its mappings: about 1,000 faults a step, and the step took
-222-234 ms against 266-288 ms on this 2-core VM (three runs each). Our prefill and decode, whose
+Why: XLA:CPU allocates all of one execution's temporaries as one buffer, with `posix_memalign` from
+a worker thread. glibc serves a request that large (above 32 MB at most; a worker thread's arena
+holds nothing over 64 MB) with an `mmap` of its own and gives it back with `munmap` when it is
+freed, so every execution faults all its pages in again, 4 KiB at a time. The tiny training step of
+bench/train.py (8 heads) allocates 209 MiB per step this way: about 54,000 page faults a step.
+Where the kernel gives transparent huge pages on request
+(`/sys/kernel/mm/transparent_hugepage/enabled` is `madvise`, a common default), glibc's tunable
+`glibc.malloc.hugetlb=1` (glibc 2.35 and later) makes malloc request them
+(`madvise(MADV_HUGEPAGE)`) for its mappings: about 1,000 faults a step, and the step took 222-234
+ms against 266-288 ms on this 2-core VM (three runs each). Our prefill and decode, whose
 temporaries fit the arenas, measured the same with and without. PyTorch's CPU allocator has a
 switch of its own for the same (`THP_MEM_ALLOC_ENABLE=1`).
 

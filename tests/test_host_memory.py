@@ -74,7 +74,7 @@ def _run(**env_changes):
                      capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr
   lines = r.stdout.splitlines()
-  starts = [line.split(" ", 1)[1] if " " in line else "" for line in lines if line.startswith("start")]
+  starts = [line.partition(" ")[2] for line in lines if line.startswith("start")]
   args = next(line for line in lines if line.startswith("args"))
   faults = float(next(line for line in lines if line.startswith("faults")).split()[1])
   return starts, args, faults
