@@ -97,15 +97,17 @@ faster); the tables below are this run's. Peers always run in the same script, a
   and 8.7, 8.3 and 8.2 s without: within this machine's noise either way, and far from 60%.
 - **Training vs transformers** (met in this run: 1.47x at 4 heads, 1.37x at 8). A training step's
   temporaries are one XLA:CPU buffer (209 MiB at 8 heads) that glibc maps afresh at every step and
-  unmaps after it: about 54,000 page faults a step. bench/train.py now runs as our training
-  command lines do, with glibc's huge pages for large allocations (`deepseek_jax.host_memory`;
-  transformers runs in the same process, under the same setting): about 1,000 faults a step, and
-  our 8-head step took 222-234 ms against 266-288 ms without (three runs each); transformers' step
-  measured 349 against 357 ms (one pair). Without it the 8-head ratio sat on the target (1.31x and
-  1.25x in the make bench runs of 2026-11-30). Attention runs by blocks of queries (each block's
-  scores cache-sized, keys after the block skipped), 1.3-2x faster than one [B, H, T, S] softmax
-  at 256 tokens and 2.6-4.7x at 1K-4K (bench/attention.py, `attention._query_blocks`). The peers'
-  table (MaxText, EasyDeL) runs every side, ours included, without huge pages.
+  unmaps after it: about 54,000 page faults a step. bench/train.py now runs as our training CLI
+  does, with glibc's huge pages for large allocations (`deepseek_jax.host_memory`; transformers
+  runs in the same process, under the same setting): about 1,000 faults a step, and our 8-head
+  step took 222-234 ms against 266-288 ms without (three runs each); transformers' step measured
+  349 against 357 ms (one pair). Without it the 8-head ratio sat on the target (1.31x and 1.25x in
+  the make bench runs of 2026-11-30). Attention runs by blocks of queries (each block's scores
+  cache-sized, keys after the block skipped), 1.3-2x faster than one [B, H, T, S] softmax at 256
+  tokens and 2.6-4.7x at 1K-4K (bench/attention.py, `attention._query_blocks`). The peers' table
+  (MaxText, EasyDeL) runs every side, ours included, without huge pages. The GRPO step
+  (bench/grpo.py, not re-executed) measured slower with them (0.16 s against 0.13-0.145 s, three
+  runs each), so the GRPO CLI starts without.
 - **Attention from 8 to 16 heads** (met in this run, on the line): each head from 8 to 16 cost
   us 2.5 ms in this run and 2.7 ms in earlier ones, and torch's fused SDPA 2.9 ms in this run
   and 1.6-2.0 ms in earlier ones.

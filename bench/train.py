@@ -10,7 +10,7 @@ about 12 s each on this machine, as Adam's second moments underflow). Each
 side does a full optimizer step: forward, backward, global-norm clip 1.0, AdamW. MFU is tokens/s
 x the config's training FLOPs per token over this machine's best float32 matmul rate, measured in
 the same run. The script starts itself again with glibc's huge pages for large allocations, as our
-training command lines do (`deepseek_jax.host_memory`; the tables say whether that was in effect);
+training CLI does (`deepseek_jax.host_memory`; the tables say whether that was in effect);
 transformers runs in the same process, under the same setting.
 
 Mid-size (ours only; the MFU target): hidden 1024, 8 layers (1 dense), 32 routed experts top-4 of
@@ -160,13 +160,13 @@ def main():
                  help="attention heads of the tiny config, comma-separated: a table each")
   p.add_argument("--no_mid", action="store_true", help="skip the mid-size config")
   args = p.parse_args()
-  host_memory.reexec_with_huge_pages()  # as our training command lines start
+  host_memory.reexec_with_huge_pages()  # as `deepseek_jax.train` starts
   roof = common.matmul_roof_gflops()
   tunables = os.environ.get("GLIBC_TUNABLES", "")
   md = [f"Machine: {common.machine()['cpu']}, {os.cpu_count()} cores; best float32 matmul "
         f"{roof['gflops']:.0f} GFLOP/s {roof['shape']} (the MFU denominator). Both sides run in "
         f"one process with GLIBC_TUNABLES={tunables or '(unset)'} (transparent huge pages: "
-        f"{host_memory.transparent_huge_pages()}), as our training command lines start "
+        f"{host_memory.transparent_huge_pages()}), as `deepseek_jax.train` starts "
         "(`deepseek_jax.host_memory`).", ""]
   runs = []
   for h in dict.fromkeys(int(h) for h in args.heads.split(",")):

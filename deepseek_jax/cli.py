@@ -9,8 +9,9 @@
   errors only, unless `--verbosity` is given.
 - `cpu_only=True` (the plan CLIs, which touch no device) pins JAX to the CPU unless JAX_PLATFORMS
   says otherwise, so no accelerator backend is probed.
-- `huge_pages=True` (the training CLIs) first runs the command again with glibc's huge pages for
-  large allocations where the kernel offers them (`host_memory.reexec_with_huge_pages`).
+- `huge_pages=True` (the training CLI, `deepseek_jax.train`) first runs the command again with
+  glibc's huge pages for large allocations where the kernel offers them
+  (`host_memory.reexec_with_huge_pages`).
 """
 
 from __future__ import annotations

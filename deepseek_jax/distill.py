@@ -86,4 +86,4 @@ def run(mode: str) -> None:
 
 
 if __name__ == "__main__":
-  cli.run(main, huge_pages=True)
+  cli.run(main)

@@ -30,4 +30,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  cli.run(main, huge_pages=True)
+  cli.run(main)

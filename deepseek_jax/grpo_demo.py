@@ -163,4 +163,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main, huge_pages=True)
+  cli.run(main)

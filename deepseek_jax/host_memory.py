@@ -10,13 +10,15 @@ Where the kernel gives transparent huge pages on request
 `glibc.malloc.hugetlb=1` (glibc 2.35 and later) makes malloc request them
 (`madvise(MADV_HUGEPAGE)`) for its mappings: about 1,000 faults a step, and the step took 222-234
 ms against 266-288 ms on this 2-core VM (three runs each). Our prefill and decode, whose
-temporaries fit the arenas, measured the same with and without. PyTorch's CPU allocator has a
-switch of its own for the same (`THP_MEM_ALLOC_ENABLE=1`).
+temporaries fit the arenas, measured the same with and without, and bench/grpo.py's GRPO step
+(sampling and a small update) slower with them: 0.159-0.163 s against 0.131-0.145 s, three runs
+each. PyTorch's CPU allocator has a switch of its own for the same (`THP_MEM_ALLOC_ENABLE=1`).
 
 glibc reads its tunables only when a process starts, so `reexec_with_huge_pages` runs the same
 command again (same interpreter, arguments and working directory) with the tunable added to
-`GLIBC_TUNABLES`, before the command does anything. The training command lines do this
-(`cli.run(main, huge_pages=True)`); a script of one's own can call it first thing. A notebook
+`GLIBC_TUNABLES`, before the command does anything. The training CLI does this
+(`cli.run(main, huge_pages=True)` in `deepseek_jax.train`); a script of one's own can call it
+first thing. A notebook
 kernel is never re-executed: start its process with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`.
 Nothing happens where the tunable is already set, the kernel gives huge pages always or never,
 the C library is not glibc 2.35 or later, or `DEEPSEEK_JAX_HUGE_PAGES=0`.

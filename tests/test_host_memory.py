@@ -1,5 +1,5 @@
-"""The training command lines' huge pages (`deepseek_jax.host_memory`): when they run the command
-again, with what environment, and that it cuts the page faults of large XLA:CPU buffers."""
+"""The training CLI's huge pages (`deepseek_jax.host_memory`): when a command line runs again, with
+what environment, and that it cuts the page faults of large XLA:CPU buffers."""
 
 import os
 import platform
