@@ -26,7 +26,8 @@ FLOORS = [  # (floor name, module patterns); the first match decides
     ("config and leaf utilities", [P + m for m in (
         "config", "json_file", "presets", "dtypes", "tokenizer", "sampling", "losses", "optim",
         "metrics", "data", "train_config", "convert", "convert.fp8", "quant", "chat", "train_data",
-        "sandbox", "rewards", "grpo_loss", "grpo_config", "tasks", "distill_loss", "host_memory")]),
+        "sandbox", "rewards", "grpo_loss", "grpo_config", "tasks", "distill_loss", "host_memory",
+        "cpu_gmm")]),
     ("layers and dispatch", [P + m for m in ("layers", "dispatch", "expert_parallel")]),
     ("attention and MoE", [P + "attention", P + "moe"]),
     ("model", [P + "model"]),

@@ -43,6 +43,7 @@ def test_wheel_has_one_top_level_package(wheel):
   for sub in ("kernels_pallas", "sharding", "convert"):
     assert f"deepseek_jax/{sub}/__init__.py" in names
   assert "deepseek_jax/convert/hf_to_orbax.py" in names and "deepseek_jax/sharding/plan.py" in names
+  assert "deepseek_jax/cpu_gmm.cc" in names  # compiled on first use (deepseek_jax.cpu_gmm)
 
 
 def test_installed_wheel_imports_namespaced(wheel, tmp_path):
@@ -61,8 +62,12 @@ def test_installed_wheel_imports_namespaced(wheel, tmp_path):
       f"assert deepseek_jax.sharding.__file__.startswith({str(target)!r})\n"
       "assert all(importlib.util.find_spec(n) is None for n in ('sharding', 'convert', "
       "'kernels_pallas'))\n"
+      "import deepseek_jax.cpu_gmm as c\n"
+      f"assert c.SOURCE.is_file() and str(c.SOURCE).startswith({str(target)!r})\n"
+      "assert c.available()\n"
       "print('ok')\n")
   env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+  env.update(JAX_PLATFORMS="cpu", XDG_CACHE_HOME=str(tmp_path / "cache"))
   r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                     timeout=300, env={**env, "JAX_PLATFORMS": "cpu"})
+                     timeout=300, env=env)
   assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]

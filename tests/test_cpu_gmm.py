@@ -1,0 +1,137 @@
+"""The CPU grouped matmul (`cpu_gmm`): built on first use, equal to a NumPy reference, used by
+`capacity` below its threshold (decoding) on the CPU with float32 weights, kept out of other
+platforms' lowerings and of bf16 or LoRA weights, and falling back to XLA where it cannot be
+built."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepseek_jax import cpu_gmm, dispatch
+
+E, D, I = 8, 16, 12
+
+
+def _weights(seed=0, dtype=jnp.float32):
+  r = np.random.RandomState(seed)
+  return [jnp.asarray(r.randn(*s) * 0.3, dtype) for s in ((E, D, I), (E, D, I), (E, I, D))]
+
+
+def test_it_builds_here():
+  """CI and Colab have a C++ compiler and SciPy: the custom call must be there, not silently
+  replaced by the XLA path."""
+  assert cpu_gmm.available()
+  assert cpu_gmm.library_path().is_file()
+
+
+@pytest.mark.parametrize("sizes", [[3, 0, 5, 1], [0, 0, 0, 0], [2, 0, 0, 1], [9, 0, 0, 0]])
+def test_grouped_matmul_equals_numpy(sizes):
+  """Groups in order, empty groups skipped, rows past the last group zero."""
+  r = np.random.RandomState(sum(sizes))
+  m, k, n = 9, 7, 5
+  x = r.randn(m, k).astype(np.float32)
+  w = r.randn(len(sizes), k, n).astype(np.float32)
+  want = np.zeros((m, n), np.float32)
+  start = 0
+  for e, size in enumerate(sizes):
+    want[start:start + size] = x[start:start + size] @ w[e]
+    start += size
+  got = jax.jit(cpu_gmm.grouped_matmul)(x, w, jnp.asarray(sizes, jnp.int32))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_matmul_rejects_other_dtypes_and_shapes():
+  x, w = jnp.zeros((4, 3)), jnp.zeros((2, 3, 5))
+  with pytest.raises(ValueError, match="float32 x"):
+    cpu_gmm.grouped_matmul(x.astype(jnp.bfloat16), w, jnp.zeros((2,), jnp.int32))
+  with pytest.raises(ValueError, match=r"sizes \[2\]"):
+    cpu_gmm.grouped_matmul(x, w, jnp.zeros((3,), jnp.int32))
+
+
+def _routing(n, k, adversarial, seed):
+  r = np.random.RandomState(seed)
+  x = jnp.asarray(r.randn(n, D), jnp.float32)
+  idx = (np.tile(np.arange(k), (n, 1)) if adversarial
+         else np.stack([r.choice(E, size=k, replace=False) for _ in range(n)]))
+  return x, jnp.asarray(idx, jnp.int32), jnp.asarray(r.rand(n, k), jnp.float32)
+
+
+def _loss(method):
+  return lambda x, idx, w, *ws: jnp.sum(jnp.sin(dispatch.moe_experts(x, idx, w, *ws,
+                                                                    method=method)))
+
+
+@pytest.mark.parametrize("n,k,adversarial", [(1, 2, False), (7, 3, False), (31, 1, False),
+                                             (15, 2, True)])
+def test_capacity_few_copies_runs_it_and_equals_dense(n, k, adversarial):
+  """Below `capacity`'s threshold the compiled program calls the sgemm kernel, and equals the
+  dense reference forward and in every gradient (the backward is `blocked`'s), also with every
+  token on the same experts."""
+  assert n * k < dispatch.CAPACITY_MIN_COPIES_PER_EXPERT * E
+  x, idx, w = _routing(n, k, adversarial, n + k)
+  ws = _weights(k)
+  fn = jax.jit(lambda *a: dispatch.moe_experts(*a, method="capacity"))
+  assert cpu_gmm.TARGET in fn.lower(x, idx, w, *ws).as_text()
+  want = dispatch.moe_experts(x, idx, w, *ws, method="dense")
+  np.testing.assert_allclose(np.asarray(fn(x, idx, w, *ws)), np.asarray(want), atol=1e-5,
+                             rtol=1e-5)
+  argnums = (0, 2, 3, 4, 5)
+  g_want = jax.grad(_loss("dense"), argnums=argnums)(x, idx, w, *ws)
+  g_got = jax.jit(jax.grad(_loss("capacity"), argnums=argnums))(x, idx, w, *ws)
+  for a, b in zip(g_got, g_want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+
+
+def test_not_used_for_bf16_lora_or_other_platforms():
+  x, idx, w = _routing(3, 2, False, 0)
+  text = lambda *a: jax.jit(  # noqa: E731
+      lambda *b: dispatch.moe_experts(*b, method="capacity")).lower(*a).as_text()
+  assert cpu_gmm.TARGET not in text(x.astype(jnp.bfloat16), idx, w,
+                                    *_weights(dtype=jnp.bfloat16))
+  wg, wu, wd = _weights()
+  lora = dispatch.ExpertWeights(wg, jnp.zeros((E, D, 2)), jnp.zeros((E, 2, I)))
+  assert cpu_gmm.TARGET not in text(x, idx, w, lora, wu, wd)
+  exported = jax.export.export(jax.jit(lambda *a: dispatch.moe_experts(*a, method="capacity")),
+                               platforms=["tpu"])(x, idx, w, wg, wu, wd)
+  assert cpu_gmm.TARGET not in exported.mlir_module()
+
+
+def _python(code: str, tmp_path, **env) -> subprocess.CompletedProcess:
+  environ = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "JAX_PLATFORMS": "cpu",
+             **env}
+  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        timeout=300, env=environ, cwd=tmp_path)
+
+
+def test_built_into_the_cache_atomically(tmp_path):
+  """A fresh cache directory gets the library and nothing else (no temporary file left)."""
+  r = _python("from deepseek_jax import cpu_gmm\n"
+              "assert cpu_gmm.available()\nprint(cpu_gmm.library_path())", tmp_path)
+  assert r.returncode == 0, r.stderr[-3000:]
+  built = sorted(p.name for p in (tmp_path / "cache" / "deepseek_jax").iterdir())
+  assert built == [os.path.basename(r.stdout.strip())], built
+
+
+def test_falls_back_with_a_warning_without_a_compiler(tmp_path):
+  """No compiler (or the switch off): unavailable, the reason logged once, and `capacity`
+  still computes through `blocked`."""
+  code = ("import jax, jax.numpy as jnp\nfrom deepseek_jax import cpu_gmm, dispatch\n"
+          "assert not cpu_gmm.available()\n"
+          "x, w = jnp.ones((2, 4)), jnp.ones((2, 1))\nidx = jnp.zeros((2, 1), jnp.int32)\n"
+          "ws = [jnp.ones((3, 4, 5)), jnp.ones((3, 4, 5)), jnp.ones((3, 5, 4))]\n"
+          "f = jax.jit(lambda *a: dispatch.moe_experts(*a, method='capacity'))\n"
+          "assert cpu_gmm.TARGET not in f.lower(x, idx, w, *ws).as_text()\n"
+          "print(float(f(x, idx, w, *ws)[0, 0]))\n")
+  r = _python(code, tmp_path, CXX=os.path.join(str(tmp_path), "no-such-compiler"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert float(r.stdout) == pytest.approx(4 * 5 * 4 * (1 / (1 + np.exp(-4.0))))
+  assert "cpu_gmm unavailable" in r.stderr and "no-such-compiler" in r.stderr
+  r = _python(code, tmp_path, DEEPSEEK_JAX_NATIVE="0")
+  assert r.returncode == 0 and "unavailable" not in r.stderr, r.stderr[-3000:]
