@@ -3,15 +3,22 @@
 //   out[r] = x[r] @ w[e]   for the rows r of group e: rows [start_e, start_e + sizes[e]),
 //   start_e = sizes[0] + ... + sizes[e-1]; rows past the last group are zero.
 //
-// Each group is one BLAS sgemm reading its expert's weights in place: no copy of the weights
-// and no padded rows, which is what XLA's own formulations pay for a few copies per expert
-// (decoding). The sgemm is SciPy's (scipy.linalg.cython_blas, Fortran ABI with 32-bit ints),
-// handed over once by dsj_set_sgemm.
+// Each group reads its expert's weights in place: no copy of the weights and no padded rows,
+// which is what XLA's own formulations pay for a few copies per expert (decoding). Up to
+// kFewRows rows stream the weights once through FewRows; more go to a BLAS sgemm (SciPy's,
+// scipy.linalg.cython_blas: Fortran ABI with 32-bit ints, handed over once by dsj_set_sgemm).
+// The groups are shared out over XLA's intra-op thread pool.
 //
 // Legend: M rows, K input width, N output width, E groups (experts).
 
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -26,8 +33,101 @@ static sgemm_t g_sgemm = nullptr;
 
 extern "C" void dsj_set_sgemm(void* fn) { g_sgemm = reinterpret_cast<sgemm_t>(fn); }
 
-static ffi::Error GroupedMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                                ffi::Buffer<ffi::S32> sizes, ffi::ResultBuffer<ffi::F32> out) {
+// Up to this many rows a group goes through FewRows, past it through sgemm.
+static constexpr int64_t kFewRows = 8;
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));  // 16 floats, unaligned loads
+
+// R rows of x [R, K] times w [K, N] into out [R, N], for columns [c0, c0 + 16 V): every weight
+// row is read once and multiplied into all R rows, whose sums stay in registers.
+template <int R, int V>
+static inline void FewRowsTile(const float* x, const float* w, float* out, int64_t k, int64_t n,
+                               int64_t c0) {
+  v16 acc[R][V];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) acc[r][v] = v16{};
+  for (int64_t j = 0; j < k; ++j) {
+    v16 wv[V];
+    for (int v = 0; v < V; ++v) std::memcpy(&wv[v], w + j * n + c0 + 16 * v, sizeof(v16));
+    for (int r = 0; r < R; ++r) {
+      const float a = x[r * k + j];
+      for (int v = 0; v < V; ++v) acc[r][v] += a * wv[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < V; ++v) std::memcpy(out + r * n + c0 + 16 * v, &acc[r][v], sizeof(v16));
+}
+
+// A few rows (R <= kFewRows) times w_e [K, N]: the weights stream through once at memory speed,
+// with no packing as in sgemm. Columns past the last whole tile are summed one by one.
+template <int R>
+static void FewRows(const float* x, const float* w, float* out, int64_t k, int64_t n) {
+  constexpr int V = R <= 2 ? 4 : 2;
+  int64_t c0 = 0;
+  for (; c0 + 16 * V <= n; c0 += 16 * V) FewRowsTile<R, V>(x, w, out, k, n, c0);
+  for (int64_t c = c0; c < n; ++c) {
+    for (int r = 0; r < R; ++r) {
+      float sum = 0.0f;
+      for (int64_t j = 0; j < k; ++j) sum += x[r * k + j] * w[j * n + c];
+      out[r * n + c] = sum;
+    }
+  }
+}
+
+static void FewRowsAny(int64_t rows, const float* x, const float* w, float* out, int64_t k,
+                       int64_t n) {
+  switch (rows) {
+    case 1: return FewRows<1>(x, w, out, k, n);
+    case 2: return FewRows<2>(x, w, out, k, n);
+    case 3: return FewRows<3>(x, w, out, k, n);
+    case 4: return FewRows<4>(x, w, out, k, n);
+    case 5: return FewRows<5>(x, w, out, k, n);
+    case 6: return FewRows<6>(x, w, out, k, n);
+    case 7: return FewRows<7>(x, w, out, k, n);
+    default: return FewRows<8>(x, w, out, k, n);
+  }
+}
+
+// One group's product: FewRowsAny for a few rows, else sgemm.
+static void Group(const float* x, const float* w, float* out, int64_t rows, int64_t k,
+                  int64_t n) {
+  if (rows <= kFewRows) return FewRowsAny(rows, x, w, out, k, n);
+  const int mi = static_cast<int>(rows), ki = static_cast<int>(k), ni = static_cast<int>(n);
+  const float one = 1.0f, zero = 0.0f;
+  // Column-major view of row-major arrays: out^T [N, rows] = w_e^T [N, K] @ x^T [K, rows].
+  g_sgemm("N", "N", &ni, &mi, &ki, &one, w, &ni, x, &ki, &zero, out, &ni);
+}
+
+// The groups of one call, shared by the threads that take them one at a time; the caller waits
+// until every group taken has finished (a helper that starts late finds none left).
+struct Work {
+  struct Item {
+    int64_t expert, row, rows;
+  };
+  std::vector<Item> items;
+  const float *x, *w;
+  float* out;
+  int64_t k, n;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> left{0};
+  std::mutex mu;
+  std::condition_variable done;
+
+  void Drain() {
+    for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) {
+      const Item& it = items[i];
+      Group(x + it.row * k, w + it.expert * k * n, out + it.row * n, it.rows, k, n);
+      if (left.fetch_sub(1) == 1) {
+        std::lock_guard<std::mutex> lock(mu);
+        done.notify_all();
+      }
+    }
+  }
+};
+
+static ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> sizes,
+                                ffi::ResultBuffer<ffi::F32> out) {
   if (g_sgemm == nullptr) {
     return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "cpu_gmm: no sgemm was set");
   }
@@ -41,29 +141,34 @@ static ffi::Error GroupedMatmul(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w
   if (k > INT32_MAX || n > INT32_MAX || m_all > INT32_MAX) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cpu_gmm: dimensions exceed int32");
   }
-  const float* xp = x.typed_data();
-  const float* wp = w.typed_data();
+  auto work = std::make_shared<Work>();
+  work->x = x.typed_data();
+  work->w = w.typed_data();
+  work->out = out->typed_data();
+  work->k = k;
+  work->n = n;
   const int32_t* gs = sizes.typed_data();
-  float* op = out->typed_data();
-  const int ki = static_cast<int>(k), ni = static_cast<int>(n);
-  const float one = 1.0f, zero = 0.0f;
   int64_t row = 0;
   for (int64_t e = 0; e < e_all && row < m_all; ++e) {
     int64_t rows = gs[e] < 0 ? 0 : gs[e];
     if (rows > m_all - row) rows = m_all - row;
-    if (rows == 0) continue;
-    const int mi = static_cast<int>(rows);
-    // Column-major view of row-major arrays: out^T [N, rows] = w_e^T [N, K] @ x^T [K, rows].
-    g_sgemm("N", "N", &ni, &mi, &ki, &one, wp + e * k * n, &ni, xp + row * k, &ki, &zero,
-            op + row * n, &ni);
+    if (rows > 0) work->items.push_back({e, row, rows});
     row += rows;
   }
-  if (row < m_all) std::memset(op + row * n, 0, sizeof(float) * (m_all - row) * n);
+  if (row < m_all) std::memset(work->out + row * n, 0, sizeof(float) * (m_all - row) * n);
+  work->left = static_cast<int64_t>(work->items.size());
+  const int64_t helpers =
+      std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(work->items.size()) - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Drain(); });
+  work->Drain();
+  std::unique_lock<std::mutex> lock(work->mu);
+  work->done.wait(lock, [&] { return work->left.load() == 0; });
   return ffi::Error::Success();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjGroupedMatmul, GroupedMatmul,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()   // x [M, K]
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w [E, K, N]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // sizes [E]

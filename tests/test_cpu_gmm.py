@@ -31,11 +31,14 @@ def test_it_builds_here():
   assert cpu_gmm.library_path().is_file()
 
 
-@pytest.mark.parametrize("sizes", [[3, 0, 5, 1], [0, 0, 0, 0], [2, 0, 0, 1], [9, 0, 0, 0]])
-def test_grouped_matmul_equals_numpy(sizes):
+@pytest.mark.parametrize("sizes,n", [
+    ([1, 2, 3, 4, 5, 6, 7, 8, 0, 9, 12], 100),  # every few-rows kernel, then sgemm; 100 columns:
+    ([3, 0, 5, 1], 12),                          # whole register tiles plus single columns
+    ([0, 0, 0, 0], 64), ([2, 0, 0, 1], 33), ([9, 0, 0, 0], 5)])
+def test_grouped_matmul_equals_numpy(sizes, n):
   """Groups in order, empty groups skipped, rows past the last group zero."""
-  r = np.random.RandomState(sum(sizes))
-  m, k, n = 9, 7, 5
+  r = np.random.RandomState(sum(sizes) + n)
+  m, k = max(sum(sizes), 9) + 3, 20
   x = r.randn(m, k).astype(np.float32)
   w = r.randn(len(sizes), k, n).astype(np.float32)
   want = np.zeros((m, n), np.float32)
