@@ -58,14 +58,16 @@ static inline void FewRowsTile(const float* x, const float* w, float* out, int64
     for (int v = 0; v < V; ++v) std::memcpy(out + r * n + c0 + 16 * v, &acc[r][v], sizeof(v16));
 }
 
-// A few rows (R <= kFewRows) times w_e [K, N]: the weights stream through once at memory speed,
-// with no packing as in sgemm. Columns past the last whole tile are summed one by one.
+// A few rows (R <= kFewRows) times w_e [K, N], columns [c0, c1): the weights stream through
+// once at memory speed, with no packing as in sgemm. Columns past the last whole register tile
+// of the range are summed one by one.
 template <int R>
-static void FewRows(const float* x, const float* w, float* out, int64_t k, int64_t n) {
+static void FewRows(const float* x, const float* w, float* out, int64_t k, int64_t n, int64_t c0,
+                    int64_t c1) {
   constexpr int V = R <= 2 ? 4 : 2;
-  int64_t c0 = 0;
-  for (; c0 + 16 * V <= n; c0 += 16 * V) FewRowsTile<R, V>(x, w, out, k, n, c0);
-  for (int64_t c = c0; c < n; ++c) {
+  int64_t c = c0;
+  for (; c + 16 * V <= c1; c += 16 * V) FewRowsTile<R, V>(x, w, out, k, n, c);
+  for (; c < c1; ++c) {
     for (int r = 0; r < R; ++r) {
       float sum = 0.0f;
       for (int64_t j = 0; j < k; ++j) sum += x[r * k + j] * w[j * n + c];
@@ -75,34 +77,39 @@ static void FewRows(const float* x, const float* w, float* out, int64_t k, int64
 }
 
 static void FewRowsAny(int64_t rows, const float* x, const float* w, float* out, int64_t k,
-                       int64_t n) {
+                       int64_t n, int64_t c0, int64_t c1) {
   switch (rows) {
-    case 1: return FewRows<1>(x, w, out, k, n);
-    case 2: return FewRows<2>(x, w, out, k, n);
-    case 3: return FewRows<3>(x, w, out, k, n);
-    case 4: return FewRows<4>(x, w, out, k, n);
-    case 5: return FewRows<5>(x, w, out, k, n);
-    case 6: return FewRows<6>(x, w, out, k, n);
-    case 7: return FewRows<7>(x, w, out, k, n);
-    default: return FewRows<8>(x, w, out, k, n);
+    case 1: return FewRows<1>(x, w, out, k, n, c0, c1);
+    case 2: return FewRows<2>(x, w, out, k, n, c0, c1);
+    case 3: return FewRows<3>(x, w, out, k, n, c0, c1);
+    case 4: return FewRows<4>(x, w, out, k, n, c0, c1);
+    case 5: return FewRows<5>(x, w, out, k, n, c0, c1);
+    case 6: return FewRows<6>(x, w, out, k, n, c0, c1);
+    case 7: return FewRows<7>(x, w, out, k, n, c0, c1);
+    default: return FewRows<8>(x, w, out, k, n, c0, c1);
   }
 }
 
-// One group's product: FewRowsAny for a few rows, else sgemm.
-static void Group(const float* x, const float* w, float* out, int64_t rows, int64_t k,
-                  int64_t n) {
-  if (rows <= kFewRows) return FewRowsAny(rows, x, w, out, k, n);
+// Columns per work item of a few-rows group (a multiple of every register tile's width), so that
+// one wide product (a dense layer, the output head) is shared out over the threads too.
+static constexpr int64_t kColumnsPerItem = 512;
+
+// One work item: columns [c0, c1) of one group through FewRowsAny, or a whole larger group
+// through sgemm.
+static void Group(const float* x, const float* w, float* out, int64_t rows, int64_t k, int64_t n,
+                  int64_t c0, int64_t c1) {
+  if (rows <= kFewRows) return FewRowsAny(rows, x, w, out, k, n, c0, c1);
   const int mi = static_cast<int>(rows), ki = static_cast<int>(k), ni = static_cast<int>(n);
   const float one = 1.0f, zero = 0.0f;
   // Column-major view of row-major arrays: out^T [N, rows] = w_e^T [N, K] @ x^T [K, rows].
   g_sgemm("N", "N", &ni, &mi, &ki, &one, w, &ni, x, &ki, &zero, out, &ni);
 }
 
-// The groups of one call, shared by the threads that take them one at a time; the caller waits
-// until every group taken has finished (a helper that starts late finds none left).
+// The work items of one call, shared by the threads that take them one at a time; the caller
+// waits until every item taken has finished (a helper that starts late finds none left).
 struct Work {
   struct Item {
-    int64_t expert, row, rows;
+    int64_t expert, row, rows, c0, c1;
   };
   std::vector<Item> items;
   const float *x, *w;
@@ -116,7 +123,8 @@ struct Work {
   void Drain() {
     for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) {
       const Item& it = items[i];
-      Group(x + it.row * k, w + it.expert * k * n, out + it.row * n, it.rows, k, n);
+      Group(x + it.row * k, w + it.expert * k * n, out + it.row * n, it.rows, k, n, it.c0,
+            it.c1);
       if (left.fetch_sub(1) == 1) {
         std::lock_guard<std::mutex> lock(mu);
         done.notify_all();
@@ -152,7 +160,10 @@ static ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   for (int64_t e = 0; e < e_all && row < m_all; ++e) {
     int64_t rows = gs[e] < 0 ? 0 : gs[e];
     if (rows > m_all - row) rows = m_all - row;
-    if (rows > 0) work->items.push_back({e, row, rows});
+    const int64_t step = rows <= kFewRows ? kColumnsPerItem : n;
+    for (int64_t c0 = 0; rows > 0 && c0 < n; c0 += step) {
+      work->items.push_back({e, row, rows, c0, std::min(n, c0 + step)});
+    }
     row += rows;
   }
   if (row < m_all) std::memset(work->out + row * n, 0, sizeof(float) * (m_all - row) * n);

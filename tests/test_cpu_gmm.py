@@ -34,7 +34,8 @@ def test_it_builds_here():
 @pytest.mark.parametrize("sizes,n", [
     ([1, 2, 3, 4, 5, 6, 7, 8, 0, 9, 12], 100),  # every few-rows kernel, then sgemm; 100 columns:
     ([3, 0, 5, 1], 12),                          # whole register tiles plus single columns
-    ([0, 0, 0, 0], 64), ([2, 0, 0, 1], 33), ([9, 0, 0, 0], 5)])
+    ([0, 0, 0, 0], 64), ([2, 0, 0, 1], 33), ([9, 0, 0, 0], 5),
+    ([3, 1], 600)])                              # a few rows' columns split into work items
 def test_grouped_matmul_equals_numpy(sizes, n):
   """Groups in order, empty groups skipped, rows past the last group zero."""
   r = np.random.RandomState(sum(sizes) + n)
