@@ -4,10 +4,10 @@
 //   start_e = sizes[0] + ... + sizes[e-1]; rows past the last group are zero.
 //
 // Each group reads its expert's weights in place: no copy of the weights and no padded rows,
-// which is what XLA's own formulations pay for a few copies per expert (decoding). Up to
-// kFewRows rows stream the weights once through FewRows; more go to a BLAS sgemm (SciPy's,
-// scipy.linalg.cython_blas: Fortran ABI with 32-bit ints, handed over once by dsj_set_sgemm).
-// The groups are shared out over XLA's intra-op thread pool.
+// which is what XLA's own formulations pay for a few copies per expert (decoding). Rows go
+// kFewRows at a time through FewRows, which streams the weights once per pass with the rows'
+// sums in registers; the work is shared out over XLA's intra-op thread pool in items of up to
+// kRowsPerItem rows and kColumnsPerItem columns of one group.
 //
 // Legend: M rows, K input width, N output width, E groups (experts).
 
@@ -24,17 +24,12 @@
 
 namespace ffi = xla::ffi;
 
-typedef void (*sgemm_t)(const char* transa, const char* transb, const int* m, const int* n,
-                        const int* k, const float* alpha, const float* a, const int* lda,
-                        const float* b, const int* ldb, const float* beta, float* c,
-                        const int* ldc);
-
-static sgemm_t g_sgemm = nullptr;
-
-extern "C" void dsj_set_sgemm(void* fn) { g_sgemm = reinterpret_cast<sgemm_t>(fn); }
-
-// Up to this many rows a group goes through FewRows, past it through sgemm.
+// Rows per pass over the weights (the register tiles below hold this many rows' sums).
 static constexpr int64_t kFewRows = 8;
+// Rows and columns per work item (multiples of kFewRows and of every register tile's width), so
+// that a large group (one expert taking most copies) or a wide one is shared out too.
+static constexpr int64_t kRowsPerItem = 4 * kFewRows;
+static constexpr int64_t kColumnsPerItem = 512;
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  // 16 floats, unaligned loads
 
@@ -58,9 +53,9 @@ static inline void FewRowsTile(const float* x, const float* w, float* out, int64
     for (int v = 0; v < V; ++v) std::memcpy(out + r * n + c0 + 16 * v, &acc[r][v], sizeof(v16));
 }
 
-// A few rows (R <= kFewRows) times w_e [K, N], columns [c0, c1): the weights stream through
-// once at memory speed, with no packing as in sgemm. Columns past the last whole register tile
-// of the range are summed one by one.
+// R <= kFewRows rows times w_e [K, N], columns [c0, c1): the weights stream through once, with
+// no packing (as a GEMM would do). Columns past the last whole register tile are summed one by
+// one.
 template <int R>
 static void FewRows(const float* x, const float* w, float* out, int64_t k, int64_t n, int64_t c0,
                     int64_t c1) {
@@ -90,19 +85,12 @@ static void FewRowsAny(int64_t rows, const float* x, const float* w, float* out,
   }
 }
 
-// Columns per work item of a few-rows group (a multiple of every register tile's width), so that
-// one wide product (a dense layer, the output head) is shared out over the threads too.
-static constexpr int64_t kColumnsPerItem = 512;
-
-// One work item: columns [c0, c1) of one group through FewRowsAny, or a whole larger group
-// through sgemm.
-static void Group(const float* x, const float* w, float* out, int64_t rows, int64_t k, int64_t n,
-                  int64_t c0, int64_t c1) {
-  if (rows <= kFewRows) return FewRowsAny(rows, x, w, out, k, n, c0, c1);
-  const int mi = static_cast<int>(rows), ki = static_cast<int>(k), ni = static_cast<int>(n);
-  const float one = 1.0f, zero = 0.0f;
-  // Column-major view of row-major arrays: out^T [N, rows] = w_e^T [N, K] @ x^T [K, rows].
-  g_sgemm("N", "N", &ni, &mi, &ki, &one, w, &ni, x, &ki, &zero, out, &ni);
+// One work item: rows [0, rows) of x against w_e, columns [c0, c1), kFewRows rows per pass.
+static void RunItem(const float* x, const float* w, float* out, int64_t rows, int64_t k,
+                    int64_t n, int64_t c0, int64_t c1) {
+  for (int64_t r = 0; r < rows; r += kFewRows) {
+    FewRowsAny(std::min(kFewRows, rows - r), x + r * k, w, out + r * n, k, n, c0, c1);
+  }
 }
 
 // The work items of one call, shared by the threads that take them one at a time; the caller
@@ -123,8 +111,8 @@ struct Work {
   void Drain() {
     for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) {
       const Item& it = items[i];
-      Group(x + it.row * k, w + it.expert * k * n, out + it.row * n, it.rows, k, n, it.c0,
-            it.c1);
+      RunItem(x + it.row * k, w + it.expert * k * n, out + it.row * n, it.rows, k, n, it.c0,
+              it.c1);
       if (left.fetch_sub(1) == 1) {
         std::lock_guard<std::mutex> lock(mu);
         done.notify_all();
@@ -136,9 +124,6 @@ struct Work {
 static ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> sizes,
                                 ffi::ResultBuffer<ffi::F32> out) {
-  if (g_sgemm == nullptr) {
-    return ffi::Error(ffi::ErrorCode::kFailedPrecondition, "cpu_gmm: no sgemm was set");
-  }
   auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || sizes.dimensions().size() != 1 || od.size() != 2 ||
       xd[1] != wd[1] || sizes.dimensions()[0] != wd[0] || od[0] != xd[0] || od[1] != wd[2]) {
@@ -146,9 +131,6 @@ static ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                       "cpu_gmm: expected x [M, K], w [E, K, N], sizes [E], out [M, N]");
   }
   const int64_t m_all = xd[0], k = wd[1], n = wd[2], e_all = wd[0];
-  if (k > INT32_MAX || n > INT32_MAX || m_all > INT32_MAX) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument, "cpu_gmm: dimensions exceed int32");
-  }
   auto work = std::make_shared<Work>();
   work->x = x.typed_data();
   work->w = w.typed_data();
@@ -160,9 +142,11 @@ static ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   for (int64_t e = 0; e < e_all && row < m_all; ++e) {
     int64_t rows = gs[e] < 0 ? 0 : gs[e];
     if (rows > m_all - row) rows = m_all - row;
-    const int64_t step = rows <= kFewRows ? kColumnsPerItem : n;
-    for (int64_t c0 = 0; rows > 0 && c0 < n; c0 += step) {
-      work->items.push_back({e, row, rows, c0, std::min(n, c0 + step)});
+    for (int64_t r = 0; r < rows; r += kRowsPerItem) {
+      for (int64_t c0 = 0; c0 < n; c0 += kColumnsPerItem) {
+        work->items.push_back(
+            {e, row + r, std::min(kRowsPerItem, rows - r), c0, std::min(n, c0 + kColumnsPerItem)});
+      }
     }
     row += rows;
   }

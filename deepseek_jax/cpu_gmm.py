@@ -6,19 +6,17 @@
 Why: with a few token copies per expert (decoding), XLA:CPU's formulations of the routed experts
 pay for copying each chosen expert's weights out of the stacked [E, K, N] array (its dots take no
 sliced operand) or for padded rows. Here each group reads its expert's weights in place and
-computes exactly its rows: up to 8 rows in a kernel that streams the weights once (register
-tiles of 16-float vectors, built with -march=native), more through SciPy's BLAS sgemm; the groups
-are shared out over XLA's intra-op threads. Measured for the 7 MoE layers of bench/generate.py's
-config (32 experts top-4, hidden 512, width 256): batch 8 in 11 ms against 34 ms for `blocked`,
-batch 1 in 1.3 ms against 3.3 ms. From a few dozen rows per expert on, XLA's batched matmul over
-capacity slots is faster (512 tokens through sgemm: 123 ms against 96 ms), so `dispatch` uses
+computes exactly its rows, 8 rows per pass over the weights with the sums in registers (16-float
+vector tiles, built with -march=native), the groups shared out over XLA's intra-op threads.
+Measured for the 7 MoE layers of bench/generate.py's config (32 experts top-4, hidden 512, width
+256): batch 8 in 11 ms against 34 ms for `blocked`, batch 1 in 1.3 ms against 3.3 ms; about even
+with the capacity slots at 4 copies per expert and behind them from 16 on, so `dispatch` uses
 this only below its capacity threshold.
 
 The C++ source beside this file is compiled on first use with the system's C++ compiler (`CXX`,
 else `c++`) against jaxlib's FFI headers, into a cache directory (`$XDG_CACHE_HOME/deepseek_jax`
 or `~/.cache/deepseek_jax`, keyed by the source, jaxlib, the compiler and the CPU; written under
-a temporary name, then renamed). The sgemm is SciPy's (`scipy.linalg.cython_blas`, the BLAS that
-jax's own CPU linear algebra uses). Where any of this is missing, or `DEEPSEEK_JAX_NATIVE=0`,
+a temporary name, then renamed). Where no compiler works, or with `DEEPSEEK_JAX_NATIVE=0`,
 `available()` is False (with one warning saying why) and callers keep their XLA path. float32
 only.
 """
@@ -93,17 +91,6 @@ def build(path: pathlib.Path) -> None:
     tmp.unlink(missing_ok=True)
 
 
-def _sgemm_pointer() -> int:
-  """The address of SciPy's Fortran-ABI sgemm, from its Cython BLAS capsule."""
-  import scipy.linalg.cython_blas as blas
-  capsule = blas.__pyx_capi__["sgemm"]
-  name = ctypes.pythonapi.PyCapsule_GetName
-  name.restype, name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-  pointer = ctypes.pythonapi.PyCapsule_GetPointer
-  pointer.restype, pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-  return pointer(capsule, name(capsule))
-
-
 @functools.cache
 def available() -> bool:
   """Whether the custom call is registered for the CPU (built and loaded on the first call)."""
@@ -114,9 +101,8 @@ def available() -> bool:
     if not path.exists():
       build(path)
     lib = ctypes.cdll.LoadLibrary(str(path))
-    lib.dsj_set_sgemm(ctypes.c_void_p(_sgemm_pointer()))
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.DsjGroupedMatmul), platform="cpu")
-  except (OSError, RuntimeError, ImportError, KeyError, subprocess.SubprocessError) as e:
+  except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     log.warning("deepseek_jax.cpu_gmm unavailable, the XLA paths run instead (%s to silence): "
                 "%s", f"{ENV_SWITCH}=0", e)
     return False

@@ -20,8 +20,8 @@ Every method computes, for tokens x [N, D] each routed to K experts with weights
   step). Dropless and exact whatever the routing. The fast path on the CPU (bench/dispatch.py):
   XLA runs a batched matmul near its dense GEMM rate, the slack slots cost E*C/M - 1 extra rows
   (about 15% at 512 copies per expert), and only the overflow is tiled. Below a few copies per
-  expert (decoding) it runs one BLAS sgemm per chosen expert through an XLA custom call
-  (`deepseek_jax.cpu_gmm`, float32 on the CPU), or `blocked` where that is unavailable.
+  expert (decoding) it runs the chosen experts through an XLA custom call that reads their
+  weights in place (`deepseek_jax.cpu_gmm`, float32 on the CPU), or `blocked` elsewhere.
 - `pallas`: the same sorted layout through the Pallas grouped matmul (`kernels_pallas.gmm`:
   Mosaic TPU on TPUs, Triton on GPUs, interpreted on the CPU).
 
@@ -192,7 +192,7 @@ def capacity(copies: int, experts: int) -> int:
 
 
 # Below this many copies per expert on average (decode steps), `capacity` runs `_few_copies`:
-# one sgemm per chosen expert on the CPU (`cpu_gmm`), else `blocked`; both read only the chosen
+# the chosen experts through `cpu_gmm` on the CPU, else `blocked`; both read only the chosen
 # experts' weights (bench/dispatch.py, bench/generate.py).
 CAPACITY_MIN_COPIES_PER_EXPERT = 4
 # Rows per tile of `capacity`'s overflow loop.
@@ -379,20 +379,20 @@ def _capacity(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
 
 def _few_copies(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
   """`capacity` below its threshold (decoding): on the CPU, with float32 weights and no adapter,
-  one sgemm per chosen expert reading its weights in place (`cpu_gmm`; its gradient is
-  `blocked`'s); elsewhere, or where the custom call is unavailable, `blocked`."""
+  the sorted copies through `cpu_gmm`, each chosen expert's weights read in place (its gradient
+  is `blocked`'s); elsewhere, or where the custom call is unavailable, `blocked`."""
   ws = (w_gate, w_up, w_down)
   if not (x.dtype == jnp.float32 and all(p.a is None and p.w.dtype == jnp.float32 for p in ws)
           and cpu_gmm.available()):
     return _blocked(x, topk_idx, topk_weight, *ws, tile)
   return jax.lax.platform_dependent(
       x, topk_idx, topk_weight, *(p.w for p in ws),
-      cpu=functools.partial(_sgemm_experts, tile=tile),
+      cpu=functools.partial(_cpu_gmm_experts, tile=tile),
       default=lambda x, i, tw, *w: _blocked(x, i, tw, *map(ExpertWeights, w), tile))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _sgemm_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
+def _cpu_gmm_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
   """The sorted copies through `cpu_gmm.grouped_matmul` (plain float32 weight arrays)."""
   n, k = topk_idx.shape
   order, sizes = sort_by_expert(topk_idx, w_gate.shape[0])
@@ -401,12 +401,12 @@ def _sgemm_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
   return combine(y, order, topk_weight, n)
 
 
-def _sgemm_experts_fwd(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile):
-  out = _sgemm_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile)
+def _cpu_gmm_experts_fwd(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile):
+  out = _cpu_gmm_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile)
   return out, (x, topk_idx, topk_weight, w_gate, w_up, w_down)
 
 
-def _sgemm_experts_bwd(tile, res, g):
+def _cpu_gmm_experts_bwd(tile, res, g):
   x, topk_idx, topk_weight, *ws = res
   _, vjp = jax.vjp(lambda x, tw, *w: _blocked(x, topk_idx, tw, *map(ExpertWeights, w), tile),
                    x, topk_weight, *ws)
@@ -414,7 +414,7 @@ def _sgemm_experts_bwd(tile, res, g):
   return (dx, None, dtw, *dws)
 
 
-_sgemm_experts.defvjp(_sgemm_experts_fwd, _sgemm_experts_bwd)
+_cpu_gmm_experts.defvjp(_cpu_gmm_experts_fwd, _cpu_gmm_experts_bwd)
 
 
 def tile_size(copies: int, experts: int, tile: int = 128) -> int:
