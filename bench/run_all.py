@@ -92,10 +92,11 @@ faster); the tables below are this run's. Peers always run in the same script, a
   and run at the dispatch ratio above; the randomly initialised routers of the benchmark models
   are skewed (the largest group 1.5-4x the mean: 6-27% of the copies overflow C into the tile
   loop), and the rest of the step is many small ops (norms, RoPE, router, the optimizer update).
-  41% in this run, 45% in the one before (without huge pages; see the next item). Measured
+  40% in this run, 41% and 45% in the two before (the last without huge pages). Measured
   alone, in three alternating pairs, the step took 7.8, 7.9 and 8.5 s with glibc's huge pages
   and 8.7, 8.3 and 8.2 s without: within this machine's noise either way, and far from 60%.
-- **Training vs transformers** (met in this run: 1.47x at 4 heads, 1.37x at 8). A training step's
+- **Training vs transformers** (met in this run: 1.40x at 4 heads, 1.36x at 8; 1.47x and 1.37x in
+  the run before). A training step's
   temporaries are one XLA:CPU buffer (209 MiB at 8 heads) that glibc maps afresh at every step and
   unmaps after it: about 54,000 page faults a step. bench/train.py now runs as our training CLI
   does, with glibc's huge pages for large allocations (`deepseek_jax.host_memory`; transformers
@@ -108,15 +109,17 @@ faster); the tables below are this run's. Peers always run in the same script, a
   (MaxText, EasyDeL) runs every side, ours included, without huge pages. The GRPO step
   (bench/grpo.py, not re-executed) measured slower with them (0.16 s against 0.13-0.145 s, three
   runs each), so the GRPO CLI starts without.
-- **Attention from 8 to 16 heads** (met in this run, on the line): each head from 8 to 16 cost
-  us 2.5 ms in this run and 2.7 ms in earlier ones, and torch's fused SDPA 2.9 ms in this run
-  and 1.6-2.0 ms in earlier ones.
+- **Attention per added head** (on the line, either way from run to run; the attention code did
+  not change between the last runs): from 4 to 8 heads 2.19 against SDPA's 1.94 ms in this run
+  (missed), 1.86 against 1.99 ms in the run before (met); from 8 to 16 heads 2.88 against
+  3.15 ms in this run and 2.48 against 2.88 ms before (met), 2.7 against 1.6-2.0 ms in earlier
+  ones.
   A profile shows the score product and the softmax's reductions growing 4-5x from 8 to 16
   heads (twice the work); smaller query blocks (16 or 32 rows: 48-67 ms against 38 ms at 64),
   groups of 4 or 8 heads per block (42-59 ms) and a softmax backward that recomputes the
   probabilities from the saved log-sum-exp (the same time at 16 heads) did not help, measured.
-- **Prefill vs transformers** (batch 1: 1.05x and 1.08x in the last two runs; batch 8: 1.58x and
-  1.47x): two costs went in this round: the head over every prompt position (a [B, T, V] float32
+- **Prefill vs transformers** (batch 1: 1.03x in this run, 1.05x and 1.08x in the two before;
+  batch 8: 1.60x, met, after 1.58x and 1.47x): two costs went in this round: the head over every prompt position (a [B, T, V] float32
   product gathered afterwards; now `forward(logits_at=...)` at each row's last position) and the
   keys after each query block (the prefill tells attention its cache is fresh,
   `forward(fresh_cache=True)`, and reads only the keys up to each block's last query). What is
@@ -129,27 +132,33 @@ faster); the tables below are this run's. Peers always run in the same script, a
   slots for a mean of 512: 14% slack) ours is ahead. glibc's huge pages change nothing here (our
   512-token prefill: 234 and 235 ms with, 234 and 239 ms without; its temporaries are reused in
   glibc's arenas: tens of page faults a run), so generation runs without.
-- **Decode at batch 8** (544 tokens of context): one step reads about 290 MB of float32 weights
-  (the 20 of 32 routed experts that 32 token copies touch in each of 7 MoE layers, plus the
-  63 MB of the rest), about 11 ms at the 26 GB/s an XLA reduction reaches here, against
-  transformers' 84 ms (5x needs 17 ms). Up to 16 copies (batch 1 to 4 at top-4) decoding now
-  loops over the chosen experts, each step reading its expert's weights in place (7 MoE layers,
-  one token: 3.1 ms against 16 ms for gathering each copy's weights; batch-1 decode about 1.7x ->
-  2.1x transformers). At batch 8 the step stays on `blocked`'s tile loop: in a profile its
-  matmuls take about 19 ms and copying each tile's expert weights out of the stacked array
-  about 14 ms (XLA:CPU's dots take no sliced operand). Measured for the 7 MoE layers alone:
-  blocked 32 ms, the chosen-experts loop 31 ms, all 32 experts as one batched matmul (every
-  expert's weights read once at the GEMM's rate) 24 ms; but with 64 experts top-6 at hidden
-  1024 the all-experts product is 89 ms against blocked's 56 ms, so it is not the default.
-  One array per expert, picked by `lax.switch` inside the chosen-experts loop (each branch's
-  dots read their own weights in place), took 22 ms against blocked's 32 ms, but splitting the
-  stacked weights costs a second copy of every routed expert (or a copy per step), so it is not
-  adopted; the expert products written as multiply-and-reduce (no dot, weights gathered per copy
-  or sliced per expert) took 108-331 ms. With
-  plain decoding faster, MTP speculation at batch 1 no longer pays even with every draft accepted
-  (generate's table: 0.89x in this run, 1.07x before): a two-token step reads the experts of both
-  tokens, about twice the weights. Long contexts are where the latent cache pays (the 8K rows:
-  over 20x).
+- **Decode at batch 8** (544 tokens of context; 3.24x in this run: 319 tokens/s against
+  transformers' 98.4; `python bench/generate.py` alone measured 4.36x, 337 against 77.3, the
+  same day: transformers' batch-8 decode moves between 77 and 106 tokens/s here). One step reads
+  about 290 MB of float32 weights (the 20 of 32 routed experts that 32 token copies touch in each
+  of 7 MoE layers, plus the 63 MB of the rest); 5x needs a step of about 16-21 ms. With under 4
+  copies per expert on average (batch 1 to 31 at top-4 of 32), `capacity` now runs the chosen
+  experts through an XLA custom call (`deepseek_jax.cpu_gmm`, C++ compiled on first use): each
+  chosen expert's weights are read in place, 8 rows per pass with the sums in registers, the work
+  shared over both threads. The 7 MoE layers alone: batch 8 in 11-12 ms against `blocked`'s
+  32-34 ms (its tile loop copied each tile's expert weights out of the stacked array: 14 ms of
+  it), batch 1 in 1.3-1.4 ms against 3.2-3.4 ms; the whole batch-8 decode step (`Generation`,
+  median of 7) went from 48 ms to 24-26 ms, 175 -> 319-337 tokens/s. Left in a profile of one
+  batch-8 step (25-31 ms): the custom call about 11 ms (210 MB of expert weights: about 19 GB/s),
+  the dense projections' small dots about 6 ms, and the attention over the latent cache about
+  9 ms of small XLA ops (score and value products, the softmax's reductions, and slicing and
+  transposing kv_b into w_uk and w_uv at every step, 1.7-2.3 ms). Tried, not kept: the dense
+  projections through the same custom call (each faster alone, 22 against 109 us for 8 x 512 x
+  256, but the step went from 25 to 29 ms); a C++ MLA decode step over the latent cache (0.4 ms
+  a layer at batch 8, the step 25.7 -> 23.8 ms, but slower at batch 1 with an 8K context, where
+  one sequence runs on one thread); OpenBLAS's sgemm per expert (16 ms for the 7 layers at batch
+  8, but 97 ms against 37 ms for the row passes at 8 copies per expert). Earlier: the
+  chosen-experts loop 31 ms, all 32 experts as one batched matmul 24 ms (but 89 against 56 ms
+  with 64 experts top-6 at hidden 1024), one array per expert picked by `lax.switch` 22 ms (a
+  second copy of every routed expert), multiply-and-reduce formulations 108-331 ms. MTP
+  speculation at batch 1 pays little with plain decoding this fast (generate's table): a
+  two-token step reads the experts of both tokens. Long contexts are where the latent cache pays
+  (the 8K rows: over 20x).
 - **Conversion vs raw reads**: reads, checks, casts and transposes run in loader threads ahead of
   the Orbax writer within a byte budget; the writer is the critical path. Partial saves go one
   at a time (two in flight into one checkpoint fail in orbax-checkpoint 0.12.8), and each 52 MB
@@ -159,7 +168,8 @@ faster); the tables below are this run's. Peers always run in the same script, a
   (128 MiB groups: 427 MiB of peak RSS growth, against a third of a 1 GB checkpoint).
   The model's abstract trace now runs once per conversion instead of twice, and in half the
   time on jax 0.10 (`model.CONCRETE_KEYS`): 0.9 s -> 0.2 s of this conversion's CPU. The table
-  measured 54% in the run before that change and 47% in this one (4.02 s against 1.88 s);
+  measured 54% in the run before that change, then 47% (4.02 s against 1.88 s), and 49% in this
+  one (3.92 s against 1.92 s);
   `python bench/convert.py` alone measured 0.60 and 0.45 (3.34 s against 2.01 s; 3.66 s against
   1.64 s): the spread is the machine's.
   The raw read here pays for this VM's memory: memory left free for a few seconds costs about
