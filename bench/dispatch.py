@@ -99,7 +99,7 @@ def main():
   p.add_argument("--methods", default="", help="comma-separated dispatch methods to time")
   p.add_argument("--repeats", type=int, default=0, help="timed runs per side (median)")
   args = p.parse_args()
-  methods = ["dense", "ragged", "blocked", "capacity"]
+  methods = ["dense", "ragged", "blocked", "capacity", "native"]
   if jax.default_backend() in ("tpu", "gpu"):
     methods.append("pallas")
   if args.methods:

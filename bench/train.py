@@ -136,7 +136,7 @@ def mid(repeats: int, roof: dict) -> tuple[list[str], list[list]]:
   flops_tok = MID.flops_per_token(MID_T, training=True)
   rows = []
   # dense dispatch runs all 32 experts on every token: 8x the FLOPs
-  for method in dict.fromkeys((dispatch.default_method(), "blocked")):
+  for method in dict.fromkeys((dispatch.default_method(), "capacity")):
     fn = ours(method, tokens, MID)
     s = common.time_alternating({method: fn}, repeats=repeats, warmup=1,
                                 sync=jax.block_until_ready)[method]

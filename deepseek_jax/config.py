@@ -32,7 +32,7 @@ TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 SCORING_FUNCS = ("softmax", "sigmoid")
 HIDDEN_ACTS = ("silu",)
 ROPE_TYPES = ("default", "yarn")
-MOE_DISPATCHES = ("auto", "dense", "ragged", "blocked", "capacity", "pallas")
+MOE_DISPATCHES = ("auto", "dense", "ragged", "blocked", "capacity", "native", "pallas")
 MLA_DECODES = ("auto", "xla", "pallas")
 WEIGHT_QUANTS = ("none", "int8", "fp8")
 ROUTER_DTYPES = ("float32", "bfloat16")
@@ -119,7 +119,7 @@ class DeepseekConfig:
   aux_loss_alpha: float = 0.001           # balance-loss weight the release was trained with
   seq_aux: bool = True                    # sequence-wise (True) or batch-wise balance loss
   # Runtime choices of ours; never written to config.json.
-  moe_dispatch: str = "auto"              # auto | dense | ragged | blocked | capacity | pallas
+  moe_dispatch: str = "auto"              # auto | dense | ragged | blocked | capacity | native | pallas
   mla_decode: str = "auto"                # auto | xla | pallas: absorbed decode-step attention
   scan_layers: bool = False               # stack identical layers and run them with nnx.scan
   remat: bool = False                     # recompute each layer's activations in the backward pass

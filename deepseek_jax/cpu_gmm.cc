@@ -1,13 +1,18 @@
-// A grouped matmul for XLA:CPU as an FFI custom call (built and loaded by cpu_gmm.py).
+// Grouped matmuls for XLA:CPU as FFI custom calls (built and loaded by cpu_gmm.py).
 //
-//   out[r] = x[r] @ w[e]   for the rows r of group e: rows [start_e, start_e + sizes[e]),
-//   start_e = sizes[0] + ... + sizes[e-1]; rows past the last group are zero.
+//   DsjGroupedMatmul:   out[r] = x[r] @ w[e]          for the rows r of group e: rows
+//                       [start_e, start_e + sizes[e]), start_e = sizes[0] + ... + sizes[e-1];
+//                       rows past the last group are zero.
+//   DsjGroupedMatmulWT: out[r] = x[r] @ w[e]^T        the input gradient, w read in place.
+//   DsjGroupedMatmulT:  out[e] = x_e^T @ dy_e         the weight gradient: x_e, dy_e the rows of
+//                       group e; an empty group's out[e] is zero.
 //
-// Each group reads its expert's weights in place: no copy of the weights and no padded rows,
-// which is what XLA's own formulations pay for a few copies per expert (decoding). Rows go
-// kFewRows at a time through FewRows, which streams the weights once per pass with the rows'
-// sums in registers; the work is shared out over XLA's intra-op thread pool in items of up to
-// kRowsPerItem rows and kColumnsPerItem columns of one group.
+// Each group reads its expert's weights in place and computes exactly its rows: no copy of the
+// weights and no padded rows, which is what XLA's own formulations pay for (slices of a stacked
+// array are copied before a dot; batched dots over capacity slots compute the empty slots). Rows
+// go kFewRows at a time through FewRows, which streams the right-hand side once per pass with the
+// rows' sums in registers; the work is shared out over XLA's intra-op thread pool in items of up
+// to kRowsPerItem rows and kColumnsPerItem columns.
 //
 // Legend: M rows, K input width, N output width, E groups (experts).
 
@@ -18,13 +23,14 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
-// Rows per pass over the weights (the register tiles below hold this many rows' sums).
+// Rows per pass over the right-hand side (the register tiles below hold this many rows' sums).
 static constexpr int64_t kFewRows = 8;
 // Rows and columns per work item (multiples of kFewRows and of every register tile's width), so
 // that a large group (one expert taking most copies) or a wide one is shared out too.
@@ -36,76 +42,136 @@ static constexpr int64_t kColumnsPerItem = 512;
 // slower).
 typedef float v16 __attribute__((vector_size(64), aligned(4), may_alias));
 
-// R rows of x [R, K] times w [K, N] into out [R, N], for columns [c0, c0 + 16 V): every weight
-// row is read once and multiplied into all R rows, whose sums stay in registers.
+// One product's operands: out [rows, ·] = a [rows, inner] @ b [inner, ·], columns [c0, c1); out
+// row-major with row stride ldo, a[r, j] at a + r * lda + j * lda_inner, b[j, c] at
+// b + j * ldb + c * ldb_col (transposed operands are read in place: lda 1, or ldb_col != 1).
+struct Product {
+  const float* a;
+  int64_t lda, lda_inner;
+  const float* b;
+  int64_t ldb, ldb_col;
+  float* out;
+  int64_t ldo;
+  int64_t rows, inner, c0, c1;
+};
+
+// R rows of a times b into out, one register tile of 16 V columns (b and out point at its first
+// column; b's rows ldb apart): every row of b is read once and multiplied into all R rows, whose
+// sums stay in registers.
 template <int R, int V>
-static inline void FewRowsTile(const float* x, const float* w, float* out, int64_t k, int64_t n,
-                               int64_t c0) {
+static inline void FewRowsTile(const Product& p, const float* a, const float* b, int64_t ldb,
+                               float* out) {
   v16 acc[R][V];
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < V; ++v) acc[r][v] = v16{};
-  for (int64_t j = 0; j < k; ++j) {
-    v16 wv[V];
-    for (int v = 0; v < V; ++v) wv[v] = *reinterpret_cast<const v16*>(w + j * n + c0 + 16 * v);
+  for (int64_t j = 0; j < p.inner; ++j) {
+    v16 bv[V];
+    for (int v = 0; v < V; ++v) bv[v] = *reinterpret_cast<const v16*>(b + j * ldb + 16 * v);
     for (int r = 0; r < R; ++r) {
-      const float a = x[r * k + j];
-      for (int v = 0; v < V; ++v) acc[r][v] += a * wv[v];
+      const float s = a[r * p.lda + j * p.lda_inner];
+      for (int v = 0; v < V; ++v) acc[r][v] += s * bv[v];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int v = 0; v < V; ++v) *reinterpret_cast<v16*>(out + r * n + c0 + 16 * v) = acc[r][v];
+    for (int v = 0; v < V; ++v) *reinterpret_cast<v16*>(out + r * p.ldo + 16 * v) = acc[r][v];
 }
 
-// R <= kFewRows rows times w_e [K, N], columns [c0, c1): the weights stream through once, with
-// no packing (as a GEMM would do). Columns past the last whole register tile are summed one by
-// one.
-template <int R>
-static void FewRows(const float* x, const float* w, float* out, int64_t k, int64_t n, int64_t c0,
-                    int64_t c1) {
-  constexpr int V = R <= 2 ? 4 : 2;
-  int64_t c = c0;
-  for (; c + 16 * V <= c1; c += 16 * V) FewRowsTile<R, V>(x, w, out, k, n, c);
-  for (; c < c1; ++c) {
-    for (int r = 0; r < R; ++r) {
+// rows rows (from a, into out), columns [c, p.c1) one by one: what is left past the register
+// tiles.
+static void ColumnsOneByOne(const Product& p, int64_t rows, const float* a, float* out,
+                            int64_t c) {
+  for (; c < p.c1; ++c) {
+    for (int64_t r = 0; r < rows; ++r) {
       float sum = 0.0f;
-      for (int64_t j = 0; j < k; ++j) sum += x[r * k + j] * w[j * n + c];
-      out[r * n + c] = sum;
+      for (int64_t j = 0; j < p.inner; ++j) {
+        sum += a[r * p.lda + j * p.lda_inner] * p.b[j * p.ldb + c * p.ldb_col];
+      }
+      out[r * p.ldo + c] = sum;
     }
   }
 }
 
-static void FewRowsAny(int64_t rows, const float* x, const float* w, float* out, int64_t k,
-                       int64_t n, int64_t c0, int64_t c1) {
+// f(std::integral_constant<int, R>) for R = rows, 1 <= rows <= kFewRows: the register tiles'
+// row count is a template argument.
+template <class F>
+static void WithRowCount(int64_t rows, F f) {
   switch (rows) {
-    case 1: return FewRows<1>(x, w, out, k, n, c0, c1);
-    case 2: return FewRows<2>(x, w, out, k, n, c0, c1);
-    case 3: return FewRows<3>(x, w, out, k, n, c0, c1);
-    case 4: return FewRows<4>(x, w, out, k, n, c0, c1);
-    case 5: return FewRows<5>(x, w, out, k, n, c0, c1);
-    case 6: return FewRows<6>(x, w, out, k, n, c0, c1);
-    case 7: return FewRows<7>(x, w, out, k, n, c0, c1);
-    default: return FewRows<8>(x, w, out, k, n, c0, c1);
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
   }
 }
 
-// One work item: rows [0, rows) of x against w_e, columns [c0, c1), kFewRows rows per pass.
-static void RunItem(const float* x, const float* w, float* out, int64_t rows, int64_t k,
-                    int64_t n, int64_t c0, int64_t c1) {
-  for (int64_t r = 0; r < rows; r += kFewRows) {
-    FewRowsAny(std::min(kFewRows, rows - r), x + r * k, w, out + r * n, k, n, c0, c1);
+// Panel width: a register tile of 2 vectors.
+static constexpr int64_t kPanel = 32;
+
+// One work item. Up to kFewRows rows (decoding): one pass, b read in place. More, or b transposed:
+// each panel of kPanel columns of b is first copied into a contiguous buffer, then every pass of
+// kFewRows rows streams it. Read in place, b's rows are ldb apart (a multiple of 4 KiB for wide
+// weights): the panel's rows then fall into a few L1 sets and miss at every pass (30% slower at
+// 1024 x 512).
+static void RunItem(const Product& p) {
+  if (p.rows <= kFewRows && p.ldb_col == 1) {
+    WithRowCount(p.rows, [&](auto rows) {
+      constexpr int R = decltype(rows)::value, V = R <= 2 ? 4 : 2;
+      int64_t c = p.c0;
+      for (; c + 16 * V <= p.c1; c += 16 * V) FewRowsTile<R, V>(p, p.a, p.b + c, p.ldb, p.out + c);
+      ColumnsOneByOne(p, R, p.a, p.out, c);
+    });
+    return;
+  }
+  thread_local std::vector<float> panel;
+  panel.resize(p.inner * kPanel);
+  int64_t c = p.c0;
+  for (; c + kPanel <= p.c1; c += kPanel) {
+    float* out = panel.data();
+    if (p.ldb_col == 1) {
+      for (int64_t j = 0; j < p.inner; ++j) {
+        std::memcpy(out + j * kPanel, p.b + j * p.ldb + c, sizeof(float) * kPanel);
+      }
+    } else {  // b^T: kPanel rows of it (columns of b), each read along j
+      const float* cols = p.b + c * p.ldb_col;
+      for (int64_t j = 0; j < p.inner; ++j) {
+        for (int64_t i = 0; i < kPanel; ++i) out[j * kPanel + i] = cols[i * p.ldb_col + j * p.ldb];
+      }
+    }
+    for (int64_t r = 0; r < p.rows; r += kFewRows) {
+      WithRowCount(std::min(kFewRows, p.rows - r), [&](auto rows) {
+        FewRowsTile<decltype(rows)::value, kPanel / 16>(p, p.a + r * p.lda, panel.data(), kPanel,
+                                                        p.out + r * p.ldo + c);
+      });
+    }
+  }
+  ColumnsOneByOne(p, p.rows, p.a, p.out, c);
+}
+
+// Appends the items of out [rows, n] = a [rows, ·] @ b: up to kRowsPerItem rows and
+// kColumnsPerItem columns each.
+static void AddItems(std::vector<Product>& items, const Product& p) {
+  // b transposed: every panel is a strided copy, as costly as a pass: items of up to 8x the rows
+  const int64_t rows_per_item = p.ldb_col == 1 ? kRowsPerItem : 8 * kRowsPerItem;
+  for (int64_t r = 0; r < p.rows; r += rows_per_item) {
+    for (int64_t c0 = p.c0; c0 < p.c1; c0 += kColumnsPerItem) {
+      Product it = p;
+      it.a += r * p.lda;
+      it.out += r * p.ldo;
+      it.rows = std::min(rows_per_item, p.rows - r);
+      it.c0 = c0;
+      it.c1 = std::min(p.c1, c0 + kColumnsPerItem);
+      items.push_back(it);
+    }
   }
 }
 
 // The work items of one call, shared by the threads that take them one at a time; the caller
 // waits until every item taken has finished (a helper that starts late finds none left).
 struct Work {
-  struct Item {
-    int64_t expert, row, rows, c0, c1;
-  };
-  std::vector<Item> items;
-  const float *x, *w;
-  float* out;
-  int64_t k, n;
+  std::vector<Product> items;
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> left{0};
   std::mutex mu;
@@ -113,9 +179,7 @@ struct Work {
 
   void Drain() {
     for (int64_t i; (i = next.fetch_add(1)) < static_cast<int64_t>(items.size());) {
-      const Item& it = items[i];
-      RunItem(x + it.row * k, w + it.expert * k * n, out + it.row * n, it.rows, k, n, it.c0,
-              it.c1);
+      RunItem(items[i]);
       if (left.fetch_sub(1) == 1) {
         std::lock_guard<std::mutex> lock(mu);
         done.notify_all();
@@ -124,36 +188,9 @@ struct Work {
   }
 };
 
-static ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> sizes,
-                                ffi::ResultBuffer<ffi::F32> out) {
-  auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || sizes.dimensions().size() != 1 || od.size() != 2 ||
-      xd[1] != wd[1] || sizes.dimensions()[0] != wd[0] || od[0] != xd[0] || od[1] != wd[2]) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "cpu_gmm: expected x [M, K], w [E, K, N], sizes [E], out [M, N]");
-  }
-  const int64_t m_all = xd[0], k = wd[1], n = wd[2], e_all = wd[0];
+static void RunAll(ffi::ThreadPool& pool, std::vector<Product> items) {
   auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->w = w.typed_data();
-  work->out = out->typed_data();
-  work->k = k;
-  work->n = n;
-  const int32_t* gs = sizes.typed_data();
-  int64_t row = 0;
-  for (int64_t e = 0; e < e_all && row < m_all; ++e) {
-    int64_t rows = gs[e] < 0 ? 0 : gs[e];
-    if (rows > m_all - row) rows = m_all - row;
-    for (int64_t r = 0; r < rows; r += kRowsPerItem) {
-      for (int64_t c0 = 0; c0 < n; c0 += kColumnsPerItem) {
-        work->items.push_back(
-            {e, row + r, std::min(kRowsPerItem, rows - r), c0, std::min(n, c0 + kColumnsPerItem)});
-      }
-    }
-    row += rows;
-  }
-  if (row < m_all) std::memset(work->out + row * n, 0, sizeof(float) * (m_all - row) * n);
+  work->items = std::move(items);
   work->left = static_cast<int64_t>(work->items.size());
   const int64_t helpers =
       std::min<int64_t>(pool.num_threads(), static_cast<int64_t>(work->items.size()) - 1);
@@ -161,6 +198,73 @@ static ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   work->Drain();
   std::unique_lock<std::mutex> lock(work->mu);
   work->done.wait(lock, [&] { return work->left.load() == 0; });
+}
+
+// Group e's rows [start, start + rows), clipped to the m rows there are.
+static int64_t GroupRows(const int32_t* sizes, int64_t e, int64_t start, int64_t m) {
+  return std::max<int64_t>(0, std::min<int64_t>(sizes[e], m - start));
+}
+
+// out[r] = x[r] @ w[e] (w_transposed: x[r] @ w[e]^T) over the groups' rows; the rest zero.
+static ffi::Error GroupedRows(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x,
+                              ffi::Buffer<ffi::F32>& w, ffi::Buffer<ffi::S32>& sizes,
+                              ffi::ResultBuffer<ffi::F32>& out, bool w_transposed) {
+  auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
+  const int64_t in = w_transposed ? 2 : 1, on = w_transposed ? 1 : 2;  // w's K and N axes
+  if (xd.size() != 2 || wd.size() != 3 || sizes.dimensions().size() != 1 || od.size() != 2 ||
+      xd[1] != wd[in] || sizes.dimensions()[0] != wd[0] || od[0] != xd[0] || od[1] != wd[on]) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      w_transposed ? "cpu_gmm: expected dy [M, N], w [E, K, N], sizes [E], out [M, K]"
+                                   : "cpu_gmm: expected x [M, K], w [E, K, N], sizes [E], out [M, N]");
+  }
+  const int64_t m = xd[0], k = xd[1], n = od[1], w_size = wd[1] * wd[2];
+  const int32_t* gs = sizes.typed_data();
+  std::vector<Product> items;
+  int64_t row = 0;
+  for (int64_t e = 0; e < wd[0] && row < m; ++e) {
+    const int64_t rows = GroupRows(gs, e, row, m);
+    AddItems(items, {x.typed_data() + row * k, k, 1, w.typed_data() + e * w_size,
+                     w_transposed ? 1 : n, w_transposed ? k : 1, out->typed_data() + row * n, n,
+                     rows, k, 0, n});
+    row += rows;
+  }
+  if (row < m) std::memset(out->typed_data() + row * n, 0, sizeof(float) * (m - row) * n);
+  RunAll(pool, std::move(items));
+  return ffi::Error::Success();
+}
+
+static ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> sizes,
+                                ffi::ResultBuffer<ffi::F32> out) {
+  return GroupedRows(pool, x, w, sizes, out, false);
+}
+
+static ffi::Error GroupedMatmulWT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                  ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> sizes,
+                                  ffi::ResultBuffer<ffi::F32> out) {
+  return GroupedRows(pool, x, w, sizes, out, true);
+}
+
+static ffi::Error GroupedMatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                 ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::S32> sizes,
+                                 ffi::ResultBuffer<ffi::F32> out) {
+  auto xd = x.dimensions(), dd = dy.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || dd.size() != 2 || sizes.dimensions().size() != 1 || od.size() != 3 ||
+      xd[0] != dd[0] || sizes.dimensions()[0] != od[0] || od[1] != xd[1] || od[2] != dd[1]) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "cpu_gmm: expected x [M, K], dy [M, N], sizes [E], out [E, K, N]");
+  }
+  const int64_t m = xd[0], k = xd[1], n = dd[1];
+  const int32_t* gs = sizes.typed_data();
+  std::vector<Product> items;
+  int64_t row = 0;
+  for (int64_t e = 0; e < od[0]; ++e) {
+    const int64_t rows = GroupRows(gs, e, row, m);  // the inner length: an empty group sums 0
+    AddItems(items, {x.typed_data() + row * k, 1, k, dy.typed_data() + row * n, n, 1,
+                     out->typed_data() + e * k * n, n, k, rows, 0, n});
+    row += rows;
+  }
+  RunAll(pool, std::move(items));
   return ffi::Error::Success();
 }
 
@@ -171,3 +275,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjGroupedMatmul, GroupedMatmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()   // w [E, K, N]
                                   .Arg<ffi::Buffer<ffi::S32>>()   // sizes [E]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // out [M, N]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjGroupedMatmulWT, GroupedMatmulWT,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [M, N]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w [E, K, N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // sizes [E]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [M, K]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjGroupedMatmulT, GroupedMatmulT,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [M, K]
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dy [M, N]
+                                  .Arg<ffi::Buffer<ffi::S32>>()   // sizes [E]
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [E, K, N]

@@ -15,13 +15,18 @@ Every method computes, for tokens x [N, D] each routed to K experts with weights
 - `capacity`: token copies bucketed per expert into C static slots (`capacity`: a balanced
   router's largest group), three batched matmuls over [E, C, ·] forward and backward, rows moved
   in and out by gathers in both directions (`_to_slots`, `_from_slots`). The copies beyond an
-  expert's C slots (routers are rarely balanced) go through `_overflow_tiles`: one loop step per
-  tile of an expert's overflow, gathering its rows, so its cost follows the overflow (none: no
-  step). Dropless and exact whatever the routing. The fast path on the CPU (bench/dispatch.py):
-  XLA runs a batched matmul near its dense GEMM rate, the slack slots cost E*C/M - 1 extra rows
-  (about 15% at 512 copies per expert), and only the overflow is tiled. Below a few copies per
-  expert (decoding) it runs the chosen experts through an XLA custom call that reads their
-  weights in place (`deepseek_jax.cpu_gmm`, float32 on the CPU), or `blocked` elsewhere.
+  expert's C slots (routers are rarely balanced) go through a loop (`_capacity_apply`): one step
+  per tile of an expert's overflow, gathering its rows, so its cost follows the overflow (none: no
+  step). Dropless and exact whatever the routing. XLA runs a batched matmul near its dense GEMM
+  rate; the slack slots cost E*C/M - 1 extra rows (about 15% at 512 copies per expert), and
+  only the overflow is tiled. Below a few copies per expert (decoding) it runs `native` on the
+  CPU, or `blocked` elsewhere.
+- `native`: the sorted copies through XLA:CPU custom calls (`deepseek_jax.cpu_gmm`, C++ built on
+  first use), forward and backward: each group computes exactly its rows, reading its expert's
+  weights in place, so it pays neither `capacity`'s slack nor its overflow loop. The CPU default
+  (bench/dispatch.py, bench/train.py, bench/generate.py). float32 without adapters on the CPU
+  only: bf16 or LoRA weights, another platform's lowering, or a machine without a C++ compiler
+  run `capacity` instead.
 - `pallas`: the same sorted layout through the Pallas grouped matmul (`kernels_pallas.gmm`:
   Mosaic TPU on TPUs, Triton on GPUs, interpreted on the CPU).
 
@@ -45,17 +50,17 @@ import jax.numpy as jnp
 from deepseek_jax import cpu_gmm
 from deepseek_jax.kernels_pallas import gmm, tiled_gmm
 
-METHODS = ("dense", "ragged", "blocked", "capacity", "pallas")
+METHODS = ("dense", "ragged", "blocked", "capacity", "native", "pallas")
 
 
 def default_method(platform: str | None = None) -> str:
   """The Pallas grouped matmul on TPUs and GPUs (`kernels_pallas.gmm`: Mosaic TPU, or Triton on
-  NVIDIA and AMD GPUs, where XLA's ragged_dot runs far below a grouped GEMM); the capacity
-  buckets on the CPU, where ragged_dot is a masked dense product, Pallas only interprets, and a
-  batched matmul runs near the dense GEMM rate (bench/dispatch.py). Every method stays
-  selectable everywhere."""
+  NVIDIA and AMD GPUs, where XLA's ragged_dot runs far below a grouped GEMM); `native` on the
+  CPU, where ragged_dot is a masked dense product and Pallas only interprets (its custom calls
+  beat `capacity`'s batched matmuls, which it falls back to where it cannot run:
+  bench/dispatch.py). Every method stays selectable everywhere."""
   platform = platform or jax.default_backend()
-  return "pallas" if platform in ("tpu", "gpu", "cuda", "rocm") else "capacity"
+  return "pallas" if platform in ("tpu", "gpu", "cuda", "rocm") else "native"
 
 
 def resolve(method: str, platform: str | None = None) -> str:
@@ -192,8 +197,8 @@ def capacity(copies: int, experts: int) -> int:
 
 
 # Below this many copies per expert on average (decode steps), `capacity` runs `_few_copies`:
-# the chosen experts through `cpu_gmm` on the CPU, else `blocked`; both read only the chosen
-# experts' weights (bench/dispatch.py, bench/generate.py).
+# `native` on the CPU, else `blocked`; both read only the chosen experts' weights
+# (bench/dispatch.py, bench/generate.py).
 CAPACITY_MIN_COPIES_PER_EXPERT = 4
 # Rows per tile of `capacity`'s overflow loop.
 OVERFLOW_TILE = 32
@@ -378,43 +383,37 @@ def _capacity(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
 
 
 def _few_copies(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
-  """`capacity` below its threshold (decoding): on the CPU, with float32 weights and no adapter,
-  the sorted copies through `cpu_gmm`, each chosen expert's weights read in place (its gradient
-  is `blocked`'s); elsewhere, or where the custom call is unavailable, `blocked`."""
+  """`capacity` below its threshold (decoding): `native` where it runs, else `blocked`; both
+  read only the chosen experts' weights."""
+  return _native_or(_blocked, x, topk_idx, topk_weight, w_gate, w_up, w_down, tile)
+
+
+def _native_or(fallback, x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
+  """On the CPU, with float32 weights and no adapter, the sorted copies through `cpu_gmm`
+  (exact rows, each expert's weights read in place, forward and backward); elsewhere (another
+  platform's lowering, bf16, LoRA, no C++ compiler) `fallback`."""
   ws = (w_gate, w_up, w_down)
   if not (x.dtype == jnp.float32 and all(p.a is None and p.w.dtype == jnp.float32 for p in ws)
           and cpu_gmm.available()):
-    return _blocked(x, topk_idx, topk_weight, *ws, tile)
+    return fallback(x, topk_idx, topk_weight, *ws, tile)
   return jax.lax.platform_dependent(
-      x, topk_idx, topk_weight, *(p.w for p in ws),
-      cpu=functools.partial(_cpu_gmm_experts, tile=tile),
-      default=lambda x, i, tw, *w: _blocked(x, i, tw, *map(ExpertWeights, w), tile))
+      x, topk_idx, topk_weight, *(p.w for p in ws), cpu=_native,
+      default=lambda x, i, tw, *w: fallback(x, i, tw, *map(ExpertWeights, w), tile))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _cpu_gmm_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: int):
-  """The sorted copies through `cpu_gmm.grouped_matmul` (plain float32 weight arrays)."""
+def _native(x, topk_idx, topk_weight, w_gate, w_up, w_down):
+  """The sorted copies through `cpu_gmm.grouped_matmul` (plain float32 weight arrays), rows
+  moved by gathers both ways (`_to_slots`, `_from_slots` over the M sorted positions: XLA:CPU's
+  scatter-add, the gradient of a plain gather, is slow)."""
   n, k = topk_idx.shape
+  m = n * k
   order, sizes = sort_by_expert(topk_idx, w_gate.shape[0])
-  y = _swiglu(x[order // k], lambda lhs, w: cpu_gmm.grouped_matmul(lhs, w, sizes),
-              *map(ExpertWeights, (w_gate, w_up, w_down)))                  # [M, D] sorted
-  return combine(y, order, topk_weight, n)
-
-
-def _cpu_gmm_experts_fwd(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile):
-  out = _cpu_gmm_experts(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile)
-  return out, (x, topk_idx, topk_weight, w_gate, w_up, w_down)
-
-
-def _cpu_gmm_experts_bwd(tile, res, g):
-  x, topk_idx, topk_weight, *ws = res
-  _, vjp = jax.vjp(lambda x, tw, *w: _blocked(x, topk_idx, tw, *map(ExpertWeights, w), tile),
-                   x, topk_weight, *ws)
-  dx, dtw, *dws = vjp(g)
-  return (dx, None, dtw, *dws)
-
-
-_cpu_gmm_experts.defvjp(_cpu_gmm_experts_fwd, _cpu_gmm_experts_bwd)
+  pos = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32))  # copy -> row
+  pos = pos.reshape(n, k)
+  xs = _to_slots(x, order, pos)                                                   # [M, D]
+  y = _swiglu(xs, lambda lhs, w: cpu_gmm.grouped_matmul(lhs, w, sizes),
+              *map(ExpertWeights, (w_gate, w_up, w_down)))                        # [M, D]
+  return _from_slots(y, topk_weight, order, pos)                                  # [N, D]
 
 
 def tile_size(copies: int, experts: int, tile: int = 128) -> int:
@@ -440,6 +439,8 @@ def moe_experts(x: jax.Array, topk_idx: jax.Array, topk_weight: jax.Array, w_gat
     return _blocked(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile)
   if method == "capacity":
     return _capacity(x, topk_idx, topk_weight, w_gate, w_up, w_down, tile)
+  if method == "native":
+    return _native_or(_capacity, x, topk_idx, topk_weight, w_gate, w_up, w_down, tile)
   if method == "pallas":
     # the kernel is interpreted where the program is lowered for the CPU
     return _sorted(x, topk_idx, topk_weight, w_gate, w_up, w_down, gmm)

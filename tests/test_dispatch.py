@@ -43,7 +43,7 @@ def test_sorted_methods_equal_dense(n, k, used, seed, tile):
   ws = _weights(seed)
   want = dispatch.moe_experts(x, idx, w, *ws, method="dense")
   g_want = jax.grad(_loss("dense", tile), argnums=(0, 2, 3, 4, 5))(x, idx, w, *ws)
-  for method in ("ragged", "blocked", "capacity"):  # jitted: one compile, not one per op
+  for method in ("ragged", "blocked", "capacity", "native"):  # jitted: one compile, not per op
     got = jax.jit(functools.partial(dispatch.moe_experts, method=method, tile=tile))(
         x, idx, w, *ws)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
@@ -62,7 +62,7 @@ def test_few_copies_loop_over_the_chosen_experts(n, k):
   ws = _weights(k)
   want = dispatch.moe_experts(x, idx, w, *ws, method="dense")
   g_want = jax.grad(_loss("dense", 8), argnums=(0, 2, 3, 4, 5))(x, idx, w, *ws)
-  for method in ("blocked", "capacity"):
+  for method in ("blocked", "capacity", "native"):
     got = jax.jit(functools.partial(dispatch.moe_experts, method=method))(x, idx, w, *ws)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
     g_got = jax.jit(jax.grad(_loss(method, 8), argnums=(0, 2, 3, 4, 5)))(x, idx, w, *ws)
@@ -70,7 +70,7 @@ def test_few_copies_loop_over_the_chosen_experts(n, k):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["ragged", "blocked", "capacity"])
+@pytest.mark.parametrize("method", ["ragged", "blocked", "capacity", "native"])
 def test_all_tokens_to_one_expert(method):
   x, _, w = _case(33, 1, np.arange(E), 0)
   idx = jnp.full((33, 1), 5, jnp.int32)
@@ -138,7 +138,7 @@ def test_unknown_method():
 def test_default_method_by_platform():
   assert dispatch.default_method("tpu") == "pallas"
   assert dispatch.default_method("gpu") == dispatch.default_method("rocm") == "pallas"
-  assert dispatch.default_method("cpu") == "capacity"
+  assert dispatch.default_method("cpu") == "native"
   assert dispatch.resolve("auto", "tpu") == "pallas" and dispatch.resolve("dense") == "dense"
   assert dispatch.resolve("auto") == dispatch.default_method(jax.default_backend())
   with pytest.raises(ValueError, match="warp"):

@@ -115,7 +115,7 @@ def _loop_reference(x, idx, weight, ws):
   return jnp.stack(rows)
 
 
-@pytest.mark.parametrize("method", ["dense", "ragged", "blocked", "capacity", "pallas"])
+@pytest.mark.parametrize("method", ["dense", "ragged", "blocked", "capacity", "native", "pallas"])
 @pytest.mark.parametrize("n", [3, 40], ids=["few_copies", "many_copies"])
 def test_expert_adapters_in_every_dispatch_path_equal_a_loop(method, n):
   r = np.random.RandomState(n)

@@ -47,7 +47,7 @@ def test_the_presets_exercise_what_the_parity_checks():
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-@pytest.mark.parametrize("dispatch", ["dense", "ragged", "blocked", "capacity"])
+@pytest.mark.parametrize("dispatch", ["dense", "ragged", "blocked", "capacity", "native"])
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 def test_logits_match_transformers(checkpoints, name, dispatch, scan):
   d, ids, ref = checkpoints[name]
