@@ -34,7 +34,7 @@ namespace ffi = xla::ffi;
 static constexpr int64_t kFewRows = 8;
 // Rows and columns per work item (multiples of kFewRows and of every register tile's width), so
 // that a large group (one expert taking most copies) or a wide one is shared out too.
-static constexpr int64_t kRowsPerItem = 4 * kFewRows;
+static constexpr int64_t kRowsPerItem = 8 * kFewRows;
 static constexpr int64_t kColumnsPerItem = 512;
 
 // 16 floats; loaded and stored through pointers (unaligned, may alias float): GCC keeps such

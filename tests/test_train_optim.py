@@ -60,3 +60,21 @@ def test_global_norm_clipping_comes_before_adam():
     tx = optim.make_optimizer(optim.OptimConfig(clip_norm=clip, **kw))
     updates, _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], -g / (g + 1.0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.01, 1.0, 1e3])
+def test_clipping_equals_optax_and_keeps_its_state(scale):
+  """Our clip (one scalar multiply, fused into Adam by XLA) gives optax.clip_by_global_norm's
+  gradients, unclipped below the norm and at zero, and its (empty) state, so checkpoints of
+  either restore into the other."""
+  r = np.random.RandomState(0)
+  grads = {"a": jnp.asarray(r.randn(3, 4) * scale, jnp.float32),
+           "b": {"c": jnp.asarray(r.randn(5) * scale, jnp.float32)}}
+  ours, theirs = optim.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+  assert jax.tree.structure(ours.init(grads)) == jax.tree.structure(theirs.init(grads))
+  got, _ = jax.jit(ours.update)(grads, ours.init(grads))
+  want, _ = theirs.update(grads, theirs.init(grads))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=0)
+  norm = float(optax.tree.norm(got))
+  assert norm == pytest.approx(min(1.0, float(optax.tree.norm(grads))), rel=1e-6)
