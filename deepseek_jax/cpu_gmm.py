@@ -120,7 +120,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
   CPU only, and only once `available()`. Differentiable in x and w through two more custom calls:
   dx[r] = dy[r] @ w[e]^T (w read in place; rows past the last group get zero) and
   dw[e] = x_e^T @ dy_e."""
-  m, (e, k, n) = x.shape[0], w.shape
+  m, (e, k, _) = x.shape[0], w.shape
   if x.dtype != jnp.float32 or w.dtype != jnp.float32 or x.shape != (m, k) or sizes.shape != (e,):
     raise ValueError(f"cpu_gmm: expected float32 x [M, {k}] and w [E, K, N], sizes [{e}]; got "
                      f"x {x.dtype}{list(x.shape)}, w {w.dtype}{list(w.shape)}, sizes "

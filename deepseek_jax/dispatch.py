@@ -402,9 +402,9 @@ def _native_or(fallback, x, topk_idx, topk_weight, w_gate, w_up, w_down, tile: i
 
 
 def _native(x, topk_idx, topk_weight, w_gate, w_up, w_down):
-  """The sorted copies through `cpu_gmm.grouped_matmul` (plain float32 weight arrays), rows
-  moved by gathers both ways (`_to_slots`, `_from_slots` over the M sorted positions: XLA:CPU's
-  scatter-add, the gradient of a plain gather, is slow)."""
+  """The sorted copies through `cpu_gmm.grouped_matmul` (plain float32 weight arrays), rows moved
+  by gathers in both directions, forward and backward, as `capacity` moves them (`_to_slots`,
+  `_from_slots` over the M sorted positions; a plain gather's gradient would be a scatter-add)."""
   n, k = topk_idx.shape
   m = n * k
   order, sizes = sort_by_expert(topk_idx, w_gate.shape[0])
