@@ -9,10 +9,11 @@
 //
 // Each group reads its expert's weights in place and computes exactly its rows: no copy of the
 // weights and no padded rows, which is what XLA's own formulations pay for (slices of a stacked
-// array are copied before a dot; batched dots over capacity slots compute the empty slots). Rows
-// go kFewRows at a time through FewRows, which streams the right-hand side once per pass with the
-// rows' sums in registers; the work is shared out over XLA's intra-op thread pool in items of up
-// to kRowsPerItem rows and kColumnsPerItem columns.
+// array are copied before a dot; batched dots over capacity slots compute the empty slots). Up to
+// kFewRows rows of a group (decoding) take one pass over the weights as they lie, with the rows'
+// sums in registers; more rows go kPanelRows at a time over panels of kPanel columns, copied
+// contiguous first (RunItem). The work is shared out over XLA's intra-op thread pool in items of
+// up to kRowsPerItem rows and kColumnsPerItem columns.
 //
 // Legend: M rows, K input width, N output width, E groups (experts).
 
@@ -30,10 +31,10 @@
 
 namespace ffi = xla::ffi;
 
-// Rows per pass over the right-hand side (the register tiles below hold this many rows' sums).
+// Up to this many rows take one pass over the right-hand side as it lies in memory.
 static constexpr int64_t kFewRows = 8;
-// Rows and columns per work item (multiples of kFewRows and of every register tile's width), so
-// that a large group (one expert taking most copies) or a wide one is shared out too.
+// Rows and columns per work item (multiples of every register tile's width), so that a large
+// group (one expert taking most copies) or a wide one is shared out too.
 static constexpr int64_t kRowsPerItem = 8 * kFewRows;
 static constexpr int64_t kColumnsPerItem = 512;
 
@@ -107,8 +108,10 @@ static void WithRowCount(int64_t rows, F f) {
   }
 }
 
-// Panel width: a register tile of 2 vectors.
-static constexpr int64_t kPanel = 32;
+// Panel width (a register tile of 4 vectors) and rows per pass over a panel: 24 sums in
+// registers, 4 loads and 6 broadcasts per 24 multiply-adds.
+static constexpr int64_t kPanel = 64;
+static constexpr int64_t kPanelRows = 6;
 
 // One work item. Up to kFewRows rows (decoding): one pass, b read in place. More, or b transposed:
 // each panel of kPanel columns of b is first copied into a contiguous buffer, then every pass of
@@ -140,8 +143,8 @@ static void RunItem(const Product& p) {
         for (int64_t i = 0; i < kPanel; ++i) out[j * kPanel + i] = cols[i * p.ldb_col + j * p.ldb];
       }
     }
-    for (int64_t r = 0; r < p.rows; r += kFewRows) {
-      WithRowCount(std::min(kFewRows, p.rows - r), [&](auto rows) {
+    for (int64_t r = 0; r < p.rows; r += kPanelRows) {
+      WithRowCount(std::min(kPanelRows, p.rows - r), [&](auto rows) {
         FewRowsTile<decltype(rows)::value, kPanel / 16>(p, p.a + r * p.lda, panel.data(), kPanel,
                                                         p.out + r * p.ldo + c);
       });

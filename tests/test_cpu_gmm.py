@@ -34,7 +34,9 @@ def test_it_builds_here():
 @pytest.mark.parametrize("sizes,n", [
     ([1, 2, 3, 4, 5, 6, 7, 8, 0, 9, 12], 100),  # every few-rows kernel and passes of 8 rows;
     ([3, 0, 5, 1], 12),                          # 100 columns: register tiles plus single ones
-    ([40, 2], 20),                               # a group split into work items of 32 rows
+    ([70, 2], 20),                               # a group split into work items of 64 rows
+    ([13, 7, 9], 100),                           # past 8 rows: passes of 6 over packed panels
+                                                 # of 64 columns, then 36 columns one by one
     ([0, 0, 0, 0], 64), ([2, 0, 0, 1], 33), ([9, 0, 0, 0], 5),
     ([3, 1], 600)])                              # a few rows' columns split into work items
 def test_grouped_matmul_equals_numpy(sizes, n):
@@ -55,6 +57,7 @@ def test_grouped_matmul_equals_numpy(sizes, n):
 @pytest.mark.parametrize("sizes,k,n", [
     ([3, 0, 5, 1], 20, 40),        # an empty group; rows past the last group
     ([40, 2, 0, 17], 50, 100),     # groups over several work items; tiles plus single columns
+    ([20, 5, 0], 70, 80),          # packed panels of 64 columns (of w^T for dx), plus the rest
     ([0, 0, 0], 8, 16),            # no rows at all: every weight gradient zero
     ([1, 9], 33, 600)])            # wide: column items
 def test_grouped_matmul_gradients_equal_numpy(sizes, k, n):
