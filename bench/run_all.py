@@ -77,34 +77,39 @@ Figures move from run to run on this shared 2-core machine, and between the host
 AMD EPYC on 2026-11-29, an Intel Xeon on 2026-11-30, where transformers' decode ran 1.5-2x
 faster); the tables below are this run's. Peers always run in the same script, alternating.
 
-- **MoE dispatch vs a dense matmul** (CPU default `native` since 2026-12-01: the expert-sorted
-  copies through `deepseek_jax.cpu_gmm`'s custom calls forward and backward, each expert's exact
-  rows against its weights read in place, panels of 32 columns packed past 8 rows; measured
-  alone before this table existed for it, at 4096 tokens x 32 experts: 1.24x a dense matmul
-  forward+backward against 1.45x for `capacity`; at 1024 x 32, 2.06x against 1.96x).
-  `capacity`, the default before, buckets each expert's
+- **MoE dispatch vs a dense matmul** (met; CPU default `native` since 2026-12-01: 1.14x in this
+  run at 4096 tokens x 32 experts, `capacity` 1.37x; 0.98x-1.61x over the shapes timed).
+  `native` runs the expert-sorted copies through `deepseek_jax.cpu_gmm`'s custom calls forward
+  and backward (dx against w^T and each expert's dw = x_e^T dy_e too): each expert's exact rows
+  against its weights read in place, the sums in registers (past 8 rows, 6 rows per pass over
+  64-column panels of the weights copied contiguous first). Its gap to the matmul is the routing
+  bookkeeping (a sort, row gathers both ways, the weighted sum of each token's copies) and its
+  kernel's rate: 230-260 GFLOP/s on the 2 cores at these shapes, where XLA's own dense dot
+  (YNNPACK) reached 310-340 for the same [M, K] x [K, N] in a scratch run; at 1024 tokens (32
+  copies per expert) the bookkeeping weighs more (1.61x). `capacity` buckets each expert's
   copies into C static slots (a balanced router's mean group plus three standard deviations, a
   multiple of 8) and runs three batched matmuls over [E, C, ·] forward and backward; copies past
-  an expert's C slots go through a loop of 32-row tiles (none: no step), so nothing is dropped.
-  Its gap to the matmul is the slots' slack (E*C/M - 1: 14% at 512 copies per expert, 37% at 64)
-  and the routing bookkeeping (a sort, row gathers both ways, the weighted sum of each token's
-  copies). `blocked` (tiles of up to 128 rows, each its own small GEMM in a loop) stays
-  selectable; `ragged_dot` on XLA:CPU computes every group in full, and the masked `dense` path
-  does E/K times the work. A larger C does not pay for a skewed router: measured at 1024 tokens x
-  16 experts with the largest group twice the mean, C from the mean to mean + 3 sigma moved the
-  forward+backward by under 5% (the overflow tiles cost about 2x a slot per row, the slack 1x).
-- **Training FLOP/s on the mid-size config**: the routed experts carry most of the step's FLOPs
-  and run at the dispatch ratio above; the randomly initialised routers of the benchmark models
-  are skewed (the largest group 1.5-4x the mean: 6-27% of the copies overflow C into the tile
-  loop), and the rest of the step is many small ops (norms, RoPE, router, the optimizer update).
-  `native` computes exactly the routed rows, neither slack nor overflow loop: measured alone
-  (2026-12-01, three alternating steps each), 6.5 s a step against 7.3 s for `capacity`, 58%
-  against 52% of a 290 GFLOP/s roof. 40% in the run of 2026-12-01 04:47 (`capacity`), 41% and
-  45% in the two before (the last without huge pages). Measured
-  alone, in three alternating pairs, the step took 7.8, 7.9 and 8.5 s with glibc's huge pages
-  and 8.7, 8.3 and 8.2 s without: within this machine's noise either way, and far from 60%.
-- **Training vs transformers** (met in this run: 1.40x at 4 heads, 1.36x at 8; 1.47x and 1.37x in
-  the run before). A training step's
+  an expert's C slots go through a loop of 32-row tiles (none: no step), so nothing is dropped;
+  it pays the slots' slack (E*C/M - 1: 14% at 512 copies per expert, 37% at 64) and the loop.
+  It stays the fallback (bf16 or LoRA weights, other platforms, no C++ compiler). `blocked`
+  (tiles of up to 128 rows, each its own small GEMM in a loop) stays selectable; `ragged_dot` on
+  XLA:CPU computes every group in full, and the masked `dense` path does E/K times the work.
+- **Training FLOP/s on the mid-size config** (54% in this run with `native`, `capacity` 42%;
+  against a matmul roof measured at 367 GFLOP/s in this run, 290 in the runs before on this
+  host: 201 achieved GFLOP/s would have been 69% of that). Two changes this round: `native`
+  (exact rows: no slack and no overflow loop, where the randomly initialised routers are skewed,
+  the largest group 1.5-4x the mean, 6-27% of the copies past `capacity`'s slots) and the
+  global-norm clip as one scalar multiply (`optim.clip_by_global_norm`: optax's
+  `g / ||g|| * max_norm` is a divide, which XLA does not duplicate into the two Adam moments that
+  read it, so it ran as a pass of its own over all 403M gradients into fresh memory: 0.8 s of
+  op time, 159 fusions, in a profile). Measured alone, three alternating steps each: 7.3 s a
+  step with `capacity`, 6.5 s with `native`, 5.8 s with the fused clip. Left in that profile
+  (8.8 s of op time over both threads): the routed experts' custom calls 3.7 s, XLA's dots
+  (YNNPACK fusions) 2.3 s, Adam's elementwise update over 403M parameters about 0.7 s (memory
+  bound: parameters, gradients and both moments read, three written), the rest small ops. To
+  reach 60% of this roof the experts' kernel needs XLA's dense rate.
+- **Training vs transformers** (met in this run: 1.74x at 4 heads, 1.73x at 8, with `native`;
+  1.40x and 1.36x in the run before, with `capacity`). A training step's
   temporaries are one XLA:CPU buffer (209 MiB at 8 heads) that glibc maps afresh at every step and
   unmaps after it: about 54,000 page faults a step. bench/train.py now runs as our training CLI
   does, with glibc's huge pages for large allocations (`deepseek_jax.host_memory`; transformers
@@ -118,46 +123,51 @@ faster); the tables below are this run's. Peers always run in the same script, a
   (bench/grpo.py, not re-executed) measured slower with them (0.16 s against 0.13-0.145 s, three
   runs each), so the GRPO CLI starts without.
 - **Attention per added head** (on the line, either way from run to run; the attention code did
-  not change between the last runs): from 4 to 8 heads 2.19 against SDPA's 1.94 ms in this run
-  (missed), 1.86 against 1.99 ms in the run before (met); from 8 to 16 heads 2.88 against
-  3.15 ms in this run and 2.48 against 2.88 ms before (met), 2.7 against 1.6-2.0 ms in earlier
-  ones.
+  not change between the last runs): from 4 to 8 heads 1.79 against SDPA's 2.04 ms in this run
+  (met), 2.19 against 1.94 ms in the run before (missed); from 8 to 16 heads 3.03 against
+  1.87 ms in this run (missed), 2.88 against 3.15 ms and 2.48 against 2.88 ms in the two before
+  (met), 2.7 against 1.6-2.0 ms in earlier ones.
   A profile shows the score product and the softmax's reductions growing 4-5x from 8 to 16
   heads (twice the work); smaller query blocks (16 or 32 rows: 48-67 ms against 38 ms at 64),
   groups of 4 or 8 heads per block (42-59 ms) and a softmax backward that recomputes the
   probabilities from the saved log-sum-exp (the same time at 16 heads) did not help, measured.
-- **Prefill vs transformers** (batch 1: 1.03x in this run, 1.05x and 1.08x in the two before;
-  batch 8: 1.60x, met, after 1.58x and 1.47x): two costs went in this round: the head over every prompt position (a [B, T, V] float32
-  product gathered afterwards; now `forward(logits_at=...)` at each row's last position) and the
-  keys after each query block (the prefill tells attention its cache is fresh,
-  `forward(fresh_cache=True)`, and reads only the keys up to each block's last query). What is
-  left at batch 1, in a profile of the 512-token prefill (324 ms of op time over both threads):
-  the routed experts about 59% (the bucketed [E, C, ·] matmuls at about 220 GFLOP/s, but C = 88
-  slots for a mean of 64 copies: 37% slack; and the skewed routers' overflow, 2-8% of the copies
-  per layer in 3-8 tiles of 32 rows, whose small matmuls in the loop run several times slower per
-  row than the batched ones: about 15% of op time), the dense projections about 18%, attention
-  about 12%. `native` (the default since 2026-12-01) computes exactly the routed rows too: the
-  512-token prefill measured alone 147 ms against 183 ms with `capacity` at batch 1, 1.15 s
-  against 1.25 s at batch 8. transformers' per-expert loop computes exactly the routed rows; at batch 8 (C = 584
-  slots for a mean of 512: 14% slack) ours is ahead. glibc's huge pages change nothing here (our
-  512-token prefill: 234 and 235 ms with, 234 and 239 ms without; its temporaries are reused in
-  glibc's arenas: tens of page faults a run), so generation runs without.
-- **Decode at batch 8** (544 tokens of context; 3.24x in this run: 319 tokens/s against
-  transformers' 98.4; `python bench/generate.py` alone measured 4.36x, 337 against 77.3, the
-  same day: transformers' batch-8 decode moves between 77 and 106 tokens/s here). One step reads
+- **Prefill vs transformers** (batch 1: 1.41x in this run, 1.03x, 1.05x and 1.08x in the three
+  before; batch 8: 1.76x, met, after 1.60x, 1.58x and 1.47x). This round: `native` computes
+  exactly the routed rows. In a profile of the 512-token prefill at batch 1 before it (324 ms of
+  op time over both threads), the routed experts took about 59% (the bucketed [E, C, ·] matmuls
+  at about 220 GFLOP/s, but C = 88 slots for a mean of 64 copies: 37% slack; and the skewed
+  routers' overflow, 2-8% of the copies per layer in tiles of 32 rows whose small matmuls ran
+  several times slower per row: about 15% of op time). Measured alone, the batch-1 prefill went
+  from 183 ms (`capacity`) to 147 ms (`native`) and 130 ms (6-row passes over packed panels).
+  What is left, in a profile at 130-150 ms: XLA's dots (dense projections, attention; YNNPACK
+  fusions) about 100 ms of op time, the experts' custom calls about 75 ms (gate and up run
+  concurrently), each near its kernel's rate; 1.5x would need a prefill of about 125 ms against
+  this run's transformers. Earlier this round: the head only at each row's last position
+  (`forward(logits_at=...)`) and, for a fresh cache, attention reading only the keys up to each
+  query block's last query (`forward(fresh_cache=True)`). glibc's huge pages change nothing here
+  (our 512-token prefill: 234 and 235 ms with, 234 and 239 ms without), so generation runs
+  without.
+- **Decode at batch 8** (544 tokens of context; 3.09x in this run: 347 tokens/s against
+  transformers' 112; 3.24x in the run before, 319 against 98.4: transformers' batch-8 decode
+  moves between 77 and 114 tokens/s here). This round the custom call's sums stay in registers
+  (GCC had spilled every sum to the stack at every step through `std::memcpy`: 4x slower alone,
+  the batch-8 step 32.5 -> 24.3 ms measured alone on this host). One step reads
   about 290 MB of float32 weights (the 20 of 32 routed experts that 32 token copies touch in each
-  of 7 MoE layers, plus the 63 MB of the rest); 5x needs a step of about 16-21 ms. With under 4
-  copies per expert on average (batch 1 to 31 at top-4 of 32), `capacity` now runs the chosen
-  experts through an XLA custom call (`deepseek_jax.cpu_gmm`, C++ compiled on first use): each
-  chosen expert's weights are read in place, 8 rows per pass with the sums in registers, the work
-  shared over both threads. The 7 MoE layers alone: batch 8 in 11-12 ms against `blocked`'s
+  of 7 MoE layers, plus the 63 MB of the rest); 5x needs a step of about 16-21 ms. The chosen
+  experts run through the XLA custom call (`deepseek_jax.cpu_gmm`, C++ compiled on first use):
+  each chosen expert's weights are read in place, up to 8 rows in one pass with the sums in
+  registers, the work shared over both threads. In the run of 2026-12-01 04:47, with the sums
+  still spilled: the 7 MoE layers alone at batch 8 in 11-12 ms against `blocked`'s
   32-34 ms (its tile loop copied each tile's expert weights out of the stacked array: 14 ms of
   it), batch 1 in 1.3-1.4 ms against 3.2-3.4 ms; the whole batch-8 decode step (`Generation`,
-  median of 7) went from 48 ms to 24-26 ms, 175 -> 319-337 tokens/s. Left in a profile of one
-  batch-8 step (25-31 ms): the custom call about 11 ms (210 MB of expert weights: about 19 GB/s),
-  the dense projections' small dots about 6 ms, and the attention over the latent cache about
-  9 ms of small XLA ops (score and value products, the softmax's reductions, and slicing and
-  transposing kv_b into w_uk and w_uv at every step, 1.7-2.3 ms). Tried, not kept: the dense
+  median of 7) went from 48 ms to 24-26 ms, 175 -> 319-337 tokens/s. Left in a profile of 16
+  batch-8 steps now (about 27 ms of op time a step over both threads, 22-24 ms of wall time):
+  the custom calls 10.5 ms (alone, the same calls read the chosen experts at 37-39 GB/s, 0.24-0.27
+  ms a layer's projection; in the step about 0.5 ms), 137 XLA dot fusions 13 ms (the dense
+  projections, the attention products, the head: about 95 us each), and transposing kv_b into
+  w_uk and w_uv at every step 1.9 ms (XLA does not hoist them out of the decode loop, although
+  their operand is loop-invariant). Tried, not kept: 8 vectors per register tile for 1-2 rows
+  (37-38 GB/s either way); earlier, the dense
   projections through the same custom call (each faster alone, 22 against 109 us for 8 x 512 x
   256, but the step went from 25 to 29 ms); a C++ MLA decode step over the latent cache (0.4 ms
   a layer at batch 8, the step 25.7 -> 23.8 ms, but slower at batch 1 with an 8K context, where
@@ -178,8 +188,9 @@ faster); the tables below are this run's. Peers always run in the same script, a
   (128 MiB groups: 427 MiB of peak RSS growth, against a third of a 1 GB checkpoint).
   The model's abstract trace now runs once per conversion instead of twice, and in half the
   time on jax 0.10 (`model.CONCRETE_KEYS`): 0.9 s -> 0.2 s of this conversion's CPU. The table
-  measured 54% in the run before that change, then 47% (4.02 s against 1.88 s), and 49% in this
-  one (3.92 s against 1.92 s);
+  measured 54% in the run before that change, then 47% (4.02 s against 1.88 s), 49% (3.92 s
+  against 1.92 s) and 41% in this one (3.19 s against 1.31 s; the conversion code did not
+  change);
   `python bench/convert.py` alone measured 0.60 and 0.45 (3.34 s against 2.01 s; 3.66 s against
   1.64 s): the spread is the machine's.
   The raw read here pays for this VM's memory: memory left free for a few seconds costs about
