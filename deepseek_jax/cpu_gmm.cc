@@ -209,9 +209,10 @@ static int64_t GroupRows(const int32_t* sizes, int64_t e, int64_t start, int64_t
 }
 
 // out[r] = x[r] @ w[e] (w_transposed: x[r] @ w[e]^T) over the groups' rows; the rest zero.
-static ffi::Error GroupedRows(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x,
-                              ffi::Buffer<ffi::F32>& w, ffi::Buffer<ffi::S32>& sizes,
-                              ffi::ResultBuffer<ffi::F32>& out, bool w_transposed) {
+template <bool w_transposed>
+static ffi::Error GroupedRows(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                              ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> sizes,
+                              ffi::ResultBuffer<ffi::F32> out) {
   auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
   const int64_t in = w_transposed ? 2 : 1, on = w_transposed ? 1 : 2;  // w's K and N axes
   if (xd.size() != 2 || wd.size() != 3 || sizes.dimensions().size() != 1 || od.size() != 2 ||
@@ -234,18 +235,6 @@ static ffi::Error GroupedRows(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32>& x,
   if (row < m) std::memset(out->typed_data() + row * n, 0, sizeof(float) * (m - row) * n);
   RunAll(pool, std::move(items));
   return ffi::Error::Success();
-}
-
-static ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> sizes,
-                                ffi::ResultBuffer<ffi::F32> out) {
-  return GroupedRows(pool, x, w, sizes, out, false);
-}
-
-static ffi::Error GroupedMatmulWT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                                  ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> sizes,
-                                  ffi::ResultBuffer<ffi::F32> out) {
-  return GroupedRows(pool, x, w, sizes, out, true);
 }
 
 static ffi::Error GroupedMatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -271,26 +260,19 @@ static ffi::Error GroupedMatmulT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjGroupedMatmul, GroupedMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [M, K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w [E, K, N]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // sizes [E]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [M, N]
+// Every call takes two float32 operands and the group sizes and gives one float32 result:
+//   DsjGroupedMatmul   x [M, K], w [E, K, N], sizes [E] -> out [M, N]
+//   DsjGroupedMatmulWT dy [M, N], w [E, K, N], sizes [E] -> out [M, K]
+//   DsjGroupedMatmulT  x [M, K], dy [M, N], sizes [E] -> out [E, K, N]
+static auto Binding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjGroupedMatmulWT, GroupedMatmulWT,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [M, N]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // w [E, K, N]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // sizes [E]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [M, K]
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjGroupedMatmulT, GroupedMatmulT,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // x [M, K]
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // dy [M, N]
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // sizes [E]
-                                  .Ret<ffi::Buffer<ffi::F32>>());  // out [E, K, N]
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjGroupedMatmul, GroupedRows<false>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjGroupedMatmulWT, GroupedRows<true>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(DsjGroupedMatmulT, GroupedMatmulT, Binding());

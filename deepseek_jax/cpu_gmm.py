@@ -132,34 +132,25 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
   return _grouped_matmul(x, w, sizes.astype(jnp.int32))
 
 
-def _gmm(x, w, sizes):  # x [M, K], w [E, K, N] -> [M, N]
-  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], w.shape[2]), jnp.float32))
-  return call(x, w, sizes)
-
-
-def _gmm_wt(dy, w, sizes):  # dy [M, N], w [E, K, N] -> [M, K]
-  call = jax.ffi.ffi_call(TARGET_WT, jax.ShapeDtypeStruct((dy.shape[0], w.shape[1]), jnp.float32))
-  return call(dy, w, sizes)
-
-
-def _gmm_t(x, dy, sizes, e: int):  # x [M, K], dy [M, N] -> [E, K, N]
-  call = jax.ffi.ffi_call(TARGET_T, jax.ShapeDtypeStruct((e, x.shape[1], dy.shape[1]),
-                                                         jnp.float32))
-  return call(x, dy, sizes)
+def _call(target: str, shape: tuple[int, ...], *operands) -> jax.Array:
+  """One of the custom calls, giving a float32 array of `shape`."""
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32))(*operands)
 
 
 @jax.custom_vjp
-def _grouped_matmul(x, w, sizes):
-  return _gmm(x, w, sizes)
+def _grouped_matmul(x, w, sizes):  # x [M, K], w [E, K, N] -> [M, N]
+  return _call(TARGET, (x.shape[0], w.shape[2]), x, w, sizes)
 
 
 def _grouped_matmul_fwd(x, w, sizes):
-  return _gmm(x, w, sizes), (x, w, sizes)
+  return _grouped_matmul(x, w, sizes), (x, w, sizes)
 
 
 def _grouped_matmul_bwd(res, dy):
   x, w, sizes = res
-  return _gmm_wt(dy, w, sizes), _gmm_t(x, dy, sizes, w.shape[0]), None
+  dx = _call(TARGET_WT, x.shape, dy, w, sizes)                                   # [M, K]
+  dw = _call(TARGET_T, w.shape, x, dy, sizes)                                    # [E, K, N]
+  return dx, dw, None
 
 
 _grouped_matmul.defvjp(_grouped_matmul_fwd, _grouped_matmul_bwd)

@@ -32,7 +32,7 @@ def test_it_builds_here():
 
 
 @pytest.mark.parametrize("sizes,n", [
-    ([1, 2, 3, 4, 5, 6, 7, 8, 0, 9, 12], 100),  # every few-rows kernel and passes of 8 rows;
+    ([1, 2, 3, 4, 5, 6, 7, 8, 0, 9, 12], 100),  # every one-pass row count, then panels (9, 12);
     ([3, 0, 5, 1], 12),                          # 100 columns: register tiles plus single ones
     ([70, 2], 20),                               # a group split into work items of 64 rows
     ([13, 7, 9], 100),                           # past 8 rows: passes of 6 over packed panels
@@ -62,7 +62,7 @@ def test_grouped_matmul_equals_numpy(sizes, n):
     ([1, 9], 33, 600)])            # wide: column items
 def test_grouped_matmul_gradients_equal_numpy(sizes, k, n):
   """dx = dy @ w_e^T on each group's rows (zero past the last group), dw_e = x_e^T @ dy_e (zero
-  for an empty group), through the second custom call."""
+  for an empty group), through the two backward custom calls."""
   r = np.random.RandomState(k + n)
   m = sum(sizes) + 3
   x, dy = r.randn(m, k).astype(np.float32), r.randn(m, n).astype(np.float32)
