@@ -6,9 +6,10 @@
 Why: XLA:CPU's formulations of the routed experts pay for copying each chosen expert's weights
 out of the stacked [E, K, N] array (its dots take no sliced operand), for padded rows (`blocked`),
 or for empty capacity slots and a loop over the overflow (`capacity`). Here each group reads its
-expert's weights in place and computes exactly its rows with the sums in registers (16-float
-vector tiles, built with -march=native; past 8 rows, 6 rows per pass over 64-column panels of the
-weights copied contiguous first), the work shared out over XLA's intra-op threads; the
+expert's weights in place and computes exactly its rows with the sums in registers (tiles of the
+widest float vectors the CPU has, built with -march=native: 16 floats with AVX-512, 8 with AVX2;
+past 8 rows, 6 rows per pass over panels of 4 such vectors' columns, 2 with AVX2's 16 registers,
+copied contiguous first), the work shared out over XLA's intra-op threads; the
 backward's two products (dx against w^T, read in place, and each expert's dw = x_e^T dy_e) are
 custom calls too. This is `dispatch`'s `native` method, the CPU default. Measured (scratch
 runs, 2 cores): a grouped matmul at 64 rows per expert (32 experts, 512 x 256) at 258 GFLOP/s
@@ -97,10 +98,11 @@ def build(path: pathlib.Path) -> None:
 
 
 @functools.cache
-def available() -> bool:
-  """Whether the custom call is registered for the CPU (built and loaded on the first call)."""
+def _library() -> ctypes.CDLL | None:
+  """The library, built on the first call and its custom calls registered; None where it
+  cannot be (logged once)."""
   if os.environ.get(ENV_SWITCH, "1") == "0":
-    return False
+    return None
   try:
     path = library_path()
     if not path.exists():
@@ -112,8 +114,20 @@ def available() -> bool:
   except (OSError, RuntimeError, subprocess.SubprocessError) as e:
     log.warning("deepseek_jax.cpu_gmm unavailable, the XLA paths run instead (%s to silence): "
                 "%s", f"{ENV_SWITCH}=0", e)
-    return False
-  return True
+    return None
+  return lib
+
+
+def available() -> bool:
+  """Whether the custom call is registered for the CPU (built and loaded on the first call)."""
+  return _library() is not None
+
+
+def vector_tiles() -> tuple[int, int] | None:
+  """(floats per vector, vector registers) that the build's register tiles are sized for: (16,
+  32) with AVX-512, (8, 16) with AVX2; None where the library is unavailable."""
+  lib = _library()
+  return None if lib is None else (lib.DsjVectorLanes(), lib.DsjVectorRegisters())
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array) -> jax.Array:
