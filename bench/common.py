@@ -15,19 +15,22 @@ RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"
 
 
 def machine() -> dict:
-  """Processor, cores and the JAX backend this run used."""
+  """Processor, its widest vector instructions, cores and the JAX backend this run used."""
   import jax
-  cpu = platform.processor() or "unknown"
+  info: dict[str, str] = {}  # the first processor's lines
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
   except OSError:
     pass
+  cpu = info.get("model name") or platform.processor() or "unknown"
+  flags = set(info.get("flags", "").split())
   dev = jax.devices()[0]
-  return {"cpu": cpu, "cores": os.cpu_count(), "backend": jax.default_backend(),
+  simd = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"))
+               if flag in flags), "-")
+  return {"cpu": cpu, "vectors": simd, "cores": os.cpu_count(), "backend": jax.default_backend(),
           "device": getattr(dev, "device_kind", str(dev)), "devices": jax.device_count()}
 
 
