@@ -71,9 +71,9 @@ struct Product {
   int64_t rows, inner, c0, c1;
 };
 
-// R rows of a times b into out, one register tile of kLanes * V columns (b and out point at its first
-// column; b's rows ldb apart): every row of b is read once and multiplied into all R rows, whose
-// sums stay in registers.
+// R rows of a times b into out, one register tile of kLanes * V columns (b and out point at its
+// first column; b's rows ldb apart): every row of b is read once and multiplied into all R rows,
+// whose sums stay in registers.
 template <int R, int V>
 static inline void FewRowsTile(const Product& p, const float* a, const float* b, int64_t ldb,
                                float* out) {
@@ -124,7 +124,7 @@ static void WithRowCount(int64_t rows, F f) {
 }
 
 // Vectors per register tile of R rows in one pass over b as it lies: 4 for one or two rows (the
-// most loads in flight), else 2 where the sums, the loads and a broadcast fit the registers, else 1.
+// most loads in flight); else 2 where the sums, loads and a broadcast fit the registers; else 1.
 template <int R>
 static constexpr int FewRowsVectors() {
   return R <= 2 ? 4 : (2 * R + 2 + 1 <= kRegisters ? 2 : 1);
@@ -146,7 +146,9 @@ static void RunItem(const Product& p) {
     WithRowCount(p.rows, [&](auto rows) {
       constexpr int R = decltype(rows)::value, V = FewRowsVectors<R>();
       int64_t c = p.c0;
-      for (; c + kLanes * V <= p.c1; c += kLanes * V) FewRowsTile<R, V>(p, p.a, p.b + c, p.ldb, p.out + c);
+      for (; c + kLanes * V <= p.c1; c += kLanes * V) {
+        FewRowsTile<R, V>(p, p.a, p.b + c, p.ldb, p.out + c);
+      }
       ColumnsOneByOne(p, R, p.a, p.out, c);
     });
     return;
@@ -168,8 +170,8 @@ static void RunItem(const Product& p) {
     }
     for (int64_t r = 0; r < p.rows; r += kPanelRows) {
       WithRowCount(std::min(kPanelRows, p.rows - r), [&](auto rows) {
-        FewRowsTile<decltype(rows)::value, kPanelVectors>(p, p.a + r * p.lda, panel.data(), kPanel,
-                                                        p.out + r * p.ldo + c);
+        FewRowsTile<decltype(rows)::value, kPanelVectors>(p, p.a + r * p.lda, panel.data(),
+                                                          kPanel, p.out + r * p.ldo + c);
       });
     }
   }
