@@ -140,6 +140,39 @@ def use_decode_kernel(cfg: DeepseekConfig, platform: str | None = None) -> bool:
   return cfg.mla_decode == "pallas"
 
 
+class AbsorbedWeight(nnx.Variable):
+  """W_uk or W_uv laid out for the absorbed products, computed from kv_b_proj before a decode
+  loop (`hoist_absorbed_weights`): derived, never trained or saved."""
+
+
+def absorbed_weights(cfg: DeepseekConfig, kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """W_uk [..., C, H, N] and W_uv [..., C, H, V] from kv_b_proj's kernel [..., C, H*(N+V)] (a
+  stacked kernel keeps its leading layer axis)."""
+  w = kernel.reshape(*kernel.shape[:-1], cfg.num_attention_heads,
+                     cfg.qk_nope_head_dim + cfg.v_head_dim)
+  return w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
+
+
+def hoist_absorbed_weights(model: nnx.Module) -> None:
+  """Gives every MLA module of `model` (stacked ones too) W_uk as [..., H, C, N] and W_uv as
+  [..., H, V, C], as `AbsorbedWeight` variables that `_w_kv_b` then reads: heads leading and the
+  contracted axis last, the operand layouts XLA:CPU's batched matmuls of the absorbed products
+  take without a copy.
+
+  Why: read from kv_b_proj's kernel, each absorbed decode step transposed both out of it again
+  (XLA does not hoist the transposes out of the decode loop, though their operand is
+  loop-invariant): 1.9 ms of a 23 ms batch-8 step of bench/generate.py's model. Called inside the
+  jitted decode before its loop, the copies are made once per loop; they hold kv_b_proj's
+  weights once more, in the compute dtype (dequantized, with a LoRA adapter merged)."""
+  for _, m in nnx.iter_graph(model):
+    if isinstance(m, MLAttention):
+      uk, uv = absorbed_weights(m.cfg, m.kv_b_proj.merged_kernel())  # [..., C, H, N|V]
+      # the barrier keeps XLA from cancelling these transposes against `_w_kv_b`'s views
+      uk, uv = jax.lax.optimization_barrier((jnp.swapaxes(uk, -3, -2),  # [..., H, C, N]
+                                             jnp.moveaxis(uv, -3, -1)))  # [..., H, V, C]
+      m.absorbed_uk, m.absorbed_uv = AbsorbedWeight(uk), AbsorbedWeight(uv)
+
+
 class MLAttention(nnx.Module):
   """MLA with the released parameter names; `absorb` picks the computation, not the result."""
 
@@ -188,11 +221,12 @@ class MLAttention(nnx.Module):
     return c_kv, k_pe
 
   def _w_kv_b(self) -> tuple[jax.Array, jax.Array]:
-    """W_uk [C, H, N] and W_uv [C, H, V] from kv_b_proj's kernel [C, H*(N+V)]."""
-    cfg = self.cfg
-    w = self.kv_b_proj.merged_kernel().reshape(
-        cfg.kv_lora_rank, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
-    return w[..., :cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim:]
+    """W_uk [C, H, N] and W_uv [C, H, V] from kv_b_proj's kernel [C, H*(N+V)], or views of the
+    copies laid out for the absorbed products (`hoist_absorbed_weights`)."""
+    if hasattr(self, "absorbed_uk"):
+      return (jnp.swapaxes(self.absorbed_uk[...], -3, -2),    # [H, C, N] -> [C, H, N]
+              jnp.moveaxis(self.absorbed_uv[...], -1, -3))    # [H, V, C] -> [C, H, V]
+    return absorbed_weights(self.cfg, self.kv_b_proj.merged_kernel())
 
   # ------------------------------------------------------------------ attention
   def attend_expanded(self, q_nope, q_pe, c_kv, k_pe, mask, causal: bool = False) -> jax.Array:

@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepseek_jax.attention import hoist_absorbed_weights
 from deepseek_jax.model import Cache, replace_config
 from deepseek_jax.sampling import SamplingParams, sample_with_logprob
 
@@ -263,6 +264,10 @@ def _decode(graphdef, state, carry: DecodeState, steps, max_new, eos_id, key, *,
   TRACE_COUNTS["decode"] += 1
   rows = jnp.arange(carry.token.shape[0])
   end = carry.step + steps
+  if st.absorb_decode:  # W_uk and W_uv laid out for the absorbed products once, outside the loop
+    model = _merge(graphdef, state)
+    hoist_absorbed_weights(model)
+    graphdef, state = nnx.split(model)
 
   # The model is rebuilt inside the loop body (see `_merge`).
   def plain(s: DecodeState) -> DecodeState:

@@ -1,5 +1,6 @@
-"""Ops of a compiled XLA program that produce an array the size of one layer's latent cache: a
-test helper (tests/test_decode_cache.py) that bench/long_context.py --profile_step also uses.
+"""Ops of a compiled XLA program that produce an array of given sizes (one layer's latent cache,
+or a weight): a test helper (tests/test_decode_cache.py) that bench/long_context.py
+--profile_step also uses.
 
 Reads only opcodes and what each fusion calls from `compiled.as_text()`, so it holds across XLA
 versions that name their fusions differently.
@@ -35,14 +36,21 @@ _IN_PLACE = {"dynamic-update-slice", "scatter"}
 _INDEX_MATH = {"add", "subtract", "compare", "select", "clamp", "minimum", "maximum", "convert"}
 
 
-def whole_cache_ops(hlo: str, sizes: set[int]) -> collections.Counter:
+def while_bodies(hlo: str) -> set[str]:
+  """The names of the computations that run as while loops' bodies (nested loops' too)."""
+  return set(re.findall(r"\bbody=%?([\w.\-]+)", hlo))
+
+
+def whole_cache_ops(hlo: str, sizes: set[int], within: set[str] | None = None
+                    ) -> collections.Counter:
   """Counts the ops (outside fused computations) whose result has as many elements as a size in
   `sizes` (one layer's cache array, or a layer stack's), by kind: "in-place update" for a
   dynamic-update-slice or scatter or a fusion that computes one; "dynamic-slice" for one or a
   fusion of one with the arithmetic that clamps its start indices (a copy of a slice: a layer's
   view of a stacked cache); a fusion otherwise as "fusion: <its opcodes>"; any other op by its
   opcode (`copy`, `transpose`, ...). Views (parameters, bitcasts, tuple elements) are not
-  counted: they move no data."""
+  counted: they move no data. `within`: only the ops of these computations (e.g.
+  `while_bodies(hlo)`)."""
   comps = _computations(hlo)
   fused = set()
   for lines in comps.values():
@@ -51,7 +59,7 @@ def whole_cache_ops(hlo: str, sizes: set[int]) -> collections.Counter:
         fused.update(re.findall(r"calls=%?([\w.\-]+)", line))
   ops = collections.Counter()
   for name, lines in comps.items():
-    if name in fused:
+    if name in fused or (within is not None and name not in within):
       continue
     for line in lines:
       m = _INST.match(line)
