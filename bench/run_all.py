@@ -74,8 +74,31 @@ def _chart(name: str) -> str | None:
 MISSED = """### Where targets are missed: what the measurements show, and what would close the gap
 
 Figures move from run to run on this shared 2-core machine, and between the hosts it lands on (an
-AMD EPYC on 2026-11-29, an Intel Xeon on 2026-11-30, where transformers' decode ran 1.5-2x
-faster); the tables below are this run's. Peers always run in the same script, alternating.
+AMD EPYC on 2026-11-29 and 2026-12-02, an Intel Xeon on 2026-11-30 and 2026-12-01, where
+transformers' decode ran 1.5-2x faster); the tables below are this run's. Peers always run in
+the same script, alternating.
+
+- **Hosts without AVX-512** (measured 2026-12-02 on an AMD EPYC with AVX2 and 2 cores, by the
+  scripts alone, not by a `make bench` run: its full run would have taken over an hour on that
+  host). `cpu_gmm`'s register tiles were sized for AVX-512's 16-float vectors and 32 registers;
+  built for AVX2 (8 floats, 16 registers) each vector became two and the sums spilled at every
+  step: the grouped matmul ran at 7 GFLOP/s against 108-134 for XLA's dot of the same shapes, and
+  as the CPU default (`native`) it made a batch-8 prefill of bench/generate.py's model take
+  15.7 s (1.0 s on the Xeon) and a decode step 69 ms. The tiles now follow the build's
+  instruction set (`cpu_gmm.vector_tiles()`; AVX2: 8-float vectors, panels of 2 vectors, 12 sums
+  in registers), the same code as before on AVX-512: 76-92 GFLOP/s forward at 32 experts x 128
+  rows there (XLA's dense dot 113-115). On that host: `python bench/dispatch.py` `native` 1.12x
+  and 1.46x a dense matmul at 4096 tokens x 32 experts forward+backward in two runs (`capacity`
+  1.32x, 1.45x); `python bench/train.py --quick` 1.37x transformers at 4 heads and 1.53x at 8,
+  the mid-size config at 67% of that host's roof (106 GFLOP/s; `capacity` 52%); `python
+  bench/generate.py --quick` prefill 1.39x (batch 1) and 1.62x (batch 8), decode 3.5x and 4.25x.
+  There the batch-8 decode step (57 ms, profile) is XLA's small dots (136 YNNPACK fusions,
+  33 ms: a [8, 512] x [512, 512] product took 270-380 us in a chain, 3-4 GB/s, where one thread
+  streams 11-13 GB/s), the experts' custom calls 23 ms (near the host's 18 GB/s), and the
+  w_uk/w_uv transposes 4.2 ms (now hoisted, see decode below). The custom call's few-row passes
+  do not beat those dots there (2-6 GB/s a thread with up to 8 rows; the projections with at
+  most 8 rows routed through it: 61.5 against 61.8 ms a step), nor did streaming the weights
+  row by row (3-4 GB/s with 4-8 rows, a scratch harness).
 
 - **MoE dispatch vs a dense matmul** (met; CPU default `native` since 2026-12-01: 1.14x in this
   run at 4096 tokens x 32 experts, `capacity` 1.37x; 0.98x-1.61x over the shapes timed).
@@ -165,8 +188,10 @@ faster); the tables below are this run's. Peers always run in the same script, a
   the custom calls 10.5 ms (alone, the same calls read the chosen experts at 37-39 GB/s, 0.24-0.27
   ms a layer's projection; in the step about 0.5 ms), 137 XLA dot fusions 13 ms (the dense
   projections, the attention products, the head: about 95 us each), and transposing kv_b into
-  w_uk and w_uv at every step 1.9 ms (XLA does not hoist them out of the decode loop, although
-  their operand is loop-invariant). Tried, not kept: 8 vectors per register tile for 1-2 rows
+  w_uk and w_uv at every step 1.9 ms (XLA did not hoist them out of the decode loop, although
+  their operand is loop-invariant). Since 2026-12-02 the decode lays them out once before its
+  loop (`attention.hoist_absorbed_weights`; a test checks the compiled loop): on the AVX2 host
+  the step's transposes went from 4.2 to 0.24 ms (profile of 16 batch-8 steps). Tried, not kept: 8 vectors per register tile for 1-2 rows
   (37-38 GB/s either way); earlier, the dense
   projections through the same custom call (each faster alone, 22 against 109 us for 8 x 512 x
   256, but the step went from 25 to 29 ms); a C++ MLA decode step over the latent cache (0.4 ms
