@@ -42,7 +42,9 @@ def base(request):
 def test_fresh_adapters_leave_the_model_unchanged_and_merging_keeps_outputs(base):
   ids = _ids(base.cfg)
   lora = adapters.with_adapters(base, rank=4, seed=3)
-  np.testing.assert_array_equal(np.asarray(lora(ids)), np.asarray(base(ids)))  # B = 0: exact
+  # B = 0: the adapters add exact zeros; XLA may still pick another kernel for a projection
+  # whose output gains that term (1 ulp apart, scanned, with jax 0.12 on an AVX2 host)
+  np.testing.assert_allclose(np.asarray(lora(ids)), np.asarray(base(ids)), rtol=1e-6, atol=1e-6)
   paths = "\n".join(adapters.adapter_state(lora))
   for adapted in ("self_attn.q_a_proj.lora_a", "self_attn.kv_b_proj.lora_b", "self_attn.o_proj",
                   "mlp.gate_proj.lora_a", "shared_experts.down_proj.lora_b",
