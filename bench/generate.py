@@ -31,7 +31,6 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 sys.path.insert(0, os.path.join(_ROOT, "tests"))  # hf_reference: the transformers models
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx

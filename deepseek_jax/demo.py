@@ -13,7 +13,6 @@ for minutes falls into runs of spaces when decoded greedily).
 from __future__ import annotations
 
 import os
-import shutil
 import sysconfig
 import tempfile
 import time

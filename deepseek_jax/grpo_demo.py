@@ -20,7 +20,6 @@ the warm-up, 47.5% after 200 GRPO steps (+37.0 points), 753 s in all.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 from typing import Any, Callable

@@ -7,7 +7,6 @@ The same scalars go to TensorBoard event files (tensorboardX) under `<workdir>/t
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time

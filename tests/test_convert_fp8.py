@@ -16,7 +16,7 @@ from deepseek_jax.convert.safetensors_read import SafetensorsDir
 from deepseek_jax.convert.safetensors_write import TensorSpec, write_sharded
 from deepseek_jax.convert.to_hf import export
 from deepseek_jax.convert.to_orbax import convert
-from deepseek_jax import checkpoint, get_preset
+from deepseek_jax import get_preset
 from deepseek_jax.params import model_from_flat
 from hf_reference import hf_logits, save_hf
 

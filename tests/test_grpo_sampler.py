@@ -3,7 +3,6 @@ learner (absorbed and expanded attention), one prefill per group, EOS and length
 replay, and the reference as the base with LoRA switched off."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

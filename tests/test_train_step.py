@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from deepseek_jax import get_preset, optim
-from deepseek_jax.model import DeepseekForCausalLM, replace_config
+from deepseek_jax.model import DeepseekForCausalLM
 from deepseek_jax.moe import RouterBias
 from deepseek_jax.params import flat_state, model_from_flat
 from deepseek_jax.train_config import TrainConfig
