@@ -15,6 +15,8 @@ import os
 import subprocess
 import sys
 
+from xla_env import xla_flags
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -22,7 +24,7 @@ sys.path.insert(0, ROOT)
 def run(*args: str, devices: int = 8, timeout: int = 900) -> list[dict]:
   """Runs this worker with `devices` host CPU devices; its JSON lines (tests call this)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=xla_flags(devices))
   out = subprocess.run([sys.executable, os.path.abspath(__file__), *args], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=timeout)
   assert out.returncode == 0, out.stderr[-4000:]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from hf_reference import save_hf
+from xla_env import xla_flags
 from deepseek_jax import get_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,5 +55,5 @@ def test_each_device_reads_only_its_piece(tmp_path):
   r = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path)], cwd=ROOT, capture_output=True,
                      text=True, timeout=300,
                      env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
-                          "XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+                          "XLA_FLAGS": xla_flags(4)})
   assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]

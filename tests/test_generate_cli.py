@@ -13,6 +13,7 @@ import deepseek_jax
 from deepseek_jax import from_pretrained, generate_text, generation, get_preset
 from deepseek_jax.tokenizer import ByteTokenizer, tokenizer_for_model
 from hf_reference import save_hf
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,7 +77,7 @@ def test_cli_end_to_end(model_dir):
 def test_cli_on_a_two_device_mesh_prints_the_same_text(model_dir):
   def cli(*extra, devices=1):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(devices))
     res = subprocess.run(
         [sys.executable, "-m", "deepseek_jax.generate_text", f"--model_dir={model_dir}",
          "--prompt=Hello", "--max_new_tokens=12", "--nowarmup", "--tokenizer=byte", *extra],

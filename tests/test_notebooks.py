@@ -16,6 +16,7 @@ import re
 import sys
 
 import pytest
+from xla_env import xla_flags
 
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
@@ -87,14 +88,12 @@ def _kernel_manager(tmp_path: pathlib.Path, devices: int):
 
   spec_dir = tmp_path / "kernels" / KERNEL
   spec_dir.mkdir(parents=True)
-  flags = os.environ.get("XLA_FLAGS", "")
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", flags)
   # The repository first on the path: the package is importable (so the install cell skips)
   # whether or not it is pip-installed, and `python -m deepseek_jax.convert...` from a cell finds it too.
   path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
   env = {"PYTHONPATH": path, "JAX_PLATFORMS": "cpu",
          "MPLBACKEND": "module://matplotlib_inline.backend_inline",
-         "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
+         "XLA_FLAGS": xla_flags(devices)}
   (spec_dir / "kernel.json").write_text(json.dumps({
       "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
       "display_name": "deepseek-jax test", "language": "python", "env": env}))

@@ -11,6 +11,7 @@ import time
 
 import pytest
 from sharding_worker import ROOT, run
+from xla_env import xla_flags
 
 WORKER = os.path.join(ROOT, "tests", "sharding_worker.py")
 TIMEOUT_S = 600
@@ -24,7 +25,7 @@ def _free_port() -> int:
 
 def _two_processes() -> list[dict]:
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(4))
   procs = [subprocess.Popen([sys.executable, WORKER, "step", str(i), "2", str(port)], env=env,
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]

@@ -13,6 +13,7 @@ import numpy as np
 from deepseek_jax import get_preset, metrics, trainer
 from deepseek_jax.params import abstract_model, flat_state
 from deepseek_jax.train_config import TrainConfig
+from xla_env import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMON = dict(preset="tiny_v3", data=os.path.dirname(json.__file__), seq_len=32, batch_size=4,
@@ -34,7 +35,7 @@ except ValueError as e:
 
 
 def _run_two_devices(**kw):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(2))
   env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
   out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(kw)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
